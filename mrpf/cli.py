@@ -1,0 +1,104 @@
+"""The ``mrpf`` command line: one verb per pipeline stage.
+
+Every verb takes ``--params FILE`` (default: ``params.yaml`` when it exists, else the
+built-in defaults), a run name, and dotted overrides such as ``train.epochs=3``. Bad
+input prints one line ``mrpf: error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import MrpfError
+
+OVERRIDES_HELP = ("dotted parameter overrides, e.g. train.epochs=3 data.train_path=train.npz "
+                  "(values are read as YAML; see params.yaml / mrpf/config.py for every key)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", metavar="FILE",
+                   help="params YAML (default: ./params.yaml if present, else built-in defaults)")
+    p.add_argument("--run", required=True, metavar="NAME", help="run name; outputs go to RUNS_DIR/NAME/")
+    p.add_argument("--runs-dir", default="runs", metavar="DIR", help="directory holding run folders (default: runs)")
+    p.add_argument("--device", metavar="DEV", help="shortcut for device.name=DEV (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--threads", type=int, metavar="N", help="shortcut for device.threads=N (CPU threads)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mrpf", description="Robustness-aware structured pruning (MRPF): train, evaluate, prune.")
+    parser.add_argument("--version", action="version", version=f"mrpf {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = verbs.add_parser("train", help="train a model (clean, PGD-AT, TRADES or MART); resumes if interrupted",
+                         description="Train a model as params say. Writes RUNS_DIR/NAME/checkpoint.pt, "
+                                     "train_metrics.json and history.csv (per-epoch metrics). An interrupted run "
+                                     "resumes from its last completed epoch when started again.")
+    _common(p)
+
+    p = verbs.add_parser("evaluate", help="clean/FGSM/PGD/CW/AutoAttack accuracy, params, MACs, latency",
+                         description="Evaluate a checkpoint on the test split. Writes a metrics JSON and "
+                                     "per-image outcomes (*_per_image.npz) beside it.")
+    _common(p)
+    p.add_argument("--checkpoint", metavar="PATH", help="checkpoint to evaluate (default: RUNS_DIR/NAME/checkpoint.pt)")
+    p.add_argument("--out", metavar="PATH", help="metrics JSON to write (default: RUNS_DIR/NAME/eval.json)")
+    return parser
+
+
+def _params(args: argparse.Namespace) -> dict:
+    from .config import load_params
+
+    path = args.params
+    if path is None and Path("params.yaml").is_file():
+        path = "params.yaml"
+    overrides = list(args.overrides)
+    if args.device is not None:
+        overrides.append(f"device.name={args.device}")
+    if args.threads is not None:
+        overrides.append(f"device.threads={args.threads}")
+    return load_params(path, overrides)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    params = _params(args)
+    run_dir = Path(args.runs_dir) / args.run
+    if args.verb == "train":
+        from .training import train
+
+        summary = train(params, run_dir, log=_log)
+        _log(f"wrote {run_dir / 'checkpoint.pt'}  (val clean {summary.get('val_clean_acc', float('nan')):.4f}, "
+             f"val PGD {summary.get('val_pgd_acc') or float('nan'):.4f}, {summary.get('train_seconds', 0):.0f}s)")
+    elif args.verb == "evaluate":
+        from .evaluation import evaluate
+
+        checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoint.pt"
+        out = Path(args.out) if args.out else run_dir / "eval.json"
+        evaluate(params, checkpoint, out, log=_log)
+        _log(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except MrpfError as e:
+        print(f"mrpf: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("mrpf: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Datasets as in-memory uint8 tensors, fixed-seed splits, and on-device augmentation.
+
+CIFAR-sized data fits in memory (CIFAR-10: 150 MB as uint8), so each split is held as
+one ``uint8`` tensor (N, C, H, W) and batches are cut, augmented and scaled to [0, 1]
+on the training device. That removes the DataLoader/PIL bottleneck of the usual
+training scripts. Normalisation is *not* done here: it lives inside the model so that
+attacks work in pixel space (the RobustBench convention).
+
+Sources, by ``data.*`` params:
+- torchvision CIFAR-10 / CIFAR-100 / SVHN under ``data.root`` (downloaded on first use);
+- Tiny-ImageNet in the standard ``tiny-imagenet-200/`` layout under ``data.root``;
+- offline: ``data.train_path`` / ``data.test_path`` naming an ``.npz`` file
+  (``x``: uint8 (N, H, W, 3), ``y``: int64 (N,), optional ``classes``) or an
+  ImageFolder directory (one sub-directory per class).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import MrpfError
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    num_classes: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_padding: int     # random crop after zero-padding by this many pixels
+    flip: bool            # random horizontal flip
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    # Augmentation as in the robust-training literature (Madry et al.; Rice et al. 2020).
+    "cifar10": DatasetSpec(10, 32, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), 4, True),
+    "cifar100": DatasetSpec(100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 4, True),
+    "svhn": DatasetSpec(10, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 4, False),
+    "tinyimagenet": DatasetSpec(200, 64, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262), 4, True),
+}
+
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+@dataclasses.dataclass
+class ImageSet:
+    """Images as uint8 (N, C, H, W) and int64 labels, with the class names."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.x[index], self.y[index], self.classes)
+
+
+@dataclasses.dataclass
+class Splits:
+    spec: DatasetSpec
+    train: ImageSet        # training split, with the validation images removed
+    val: ImageSet          # fixed-seed hold-out of the training data
+    calibration: ImageSet  # fixed-seed subset of ``train`` (MRS)
+    test: ImageSet | None
+
+
+def spec_for(params: dict) -> DatasetSpec:
+    name = params["data"]["dataset"]
+    if name not in DATASETS:
+        raise MrpfError(f"data.dataset: unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
+    return DATASETS[name]
+
+
+# ----------------------------------------------------------------------------- readers
+
+def read_npz(path: Path) -> ImageSet:
+    """Read the offline .npz format (see module docstring); shapes and labels are checked."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f or "y" not in f:
+                raise MrpfError(f"{path}: an mrpf .npz needs arrays 'x' and 'y' (has {sorted(f.files)})")
+            x, y = f["x"], f["y"]
+            classes = [str(c) for c in f["classes"]] if "classes" in f else None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise MrpfError(f"{path}: not a readable .npz file ({e})") from None
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+        raise MrpfError(f"{path}: 'x' must be uint8 of shape (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise MrpfError(f"{path}: 'y' must be integers of shape ({len(x)},), got {y.dtype} {tuple(y.shape)}")
+    n_classes = len(classes) if classes is not None else int(y.max()) + 1 if len(y) else 0
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise MrpfError(f"{path}: labels must lie in [0, {n_classes}), found {int(y.min())}..{int(y.max())}")
+    if classes is None:
+        classes = [str(i) for i in range(n_classes)]
+    return ImageSet(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+                    torch.from_numpy(y.astype(np.int64)), classes)
+
+
+def _read_images(paths: list[Path], size: int) -> torch.Tensor:
+    from PIL import Image
+
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    for i, p in enumerate(paths):
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            out[i] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+    return out
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
+
+
+def read_image_folder(path: Path, size: int) -> ImageSet:
+    """Read an ImageFolder directory (``class_name/*.png``), resizing to ``size`` where needed."""
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((path / name).rglob("*")):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(label)
+    if not files:
+        raise MrpfError(f"{path}: ImageFolder is empty (expected class sub-directories holding images)")
+    return ImageSet(_read_images(files, size), torch.tensor(labels, dtype=torch.int64), classes)
+
+
+def read_tiny_imagenet(root: Path, split: str) -> ImageSet:
+    """Read the standard ``tiny-imagenet-200/`` layout (train/<wnid>/images, val/images + annotations)."""
+    wnids = (root / "wnids.txt").read_text().split()
+    index = {w: i for i, w in enumerate(wnids)}
+    if split == "train":
+        files, labels = [], []
+        for w in wnids:
+            for f in sorted((root / "train" / w / "images").glob("*.JPEG")):
+                files.append(f)
+                labels.append(index[w])
+    else:  # the labelled 'val' split serves as the test split, as is usual for Tiny-ImageNet
+        files, labels = [], []
+        for line in (root / "val" / "val_annotations.txt").read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 2:
+                files.append(root / "val" / "images" / parts[0])
+                labels.append(index[parts[1]])
+    if not files:
+        raise MrpfError(f"{root}: no Tiny-ImageNet images found for split {split!r}")
+    return ImageSet(_read_images(files, 64), torch.tensor(labels, dtype=torch.int64), wnids)
+
+
+def _missing(name: str, root: Path, why: str) -> MrpfError:
+    return MrpfError(
+        f"dataset {name!r} not found under {root} and could not be downloaded ({why}); "
+        f"provide it offline with data.train_path / data.test_path pointing to an .npz "
+        f"(uint8 x (N,H,W,3), int y (N,)) or an ImageFolder directory")
+
+
+def _read_torchvision(name: str, root: Path, split: str, download: bool) -> ImageSet:
+    import torchvision.datasets as tvd
+
+    train = split == "train"
+    try:
+        if name == "svhn":
+            ds = tvd.SVHN(str(root), split="train" if train else "test", download=download)
+            return ImageSet(torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64)),
+                            [str(i) for i in range(10)])
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        ds = cls(str(root), train=train, download=download)
+    except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found or corrupted", URLError, ...
+        raise _missing(name, root, str(e).splitlines()[0] or type(e).__name__) from None
+    return ImageSet(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+                    torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes))
+
+
+def _tiny_imagenet(root: Path, split: str, download: bool) -> ImageSet:
+    tiny = root / "tiny-imagenet-200"
+    if not (tiny / "wnids.txt").is_file():
+        if not download:
+            raise _missing("tinyimagenet", tiny, "download disabled")
+        from torchvision.datasets.utils import download_and_extract_archive
+        try:
+            download_and_extract_archive(TINY_IMAGENET_URL, str(root))
+        except Exception as e:  # any network failure: one clear message
+            raise _missing("tinyimagenet", tiny, str(e).splitlines()[0] or type(e).__name__) from None
+    cache = root / f"tiny-imagenet-200-{split}.npz"   # decoding 100k JPEGs takes minutes: keep them once
+    if cache.is_file():
+        return read_npz(cache)
+    images = read_tiny_imagenet(tiny, split)
+    from .io import atomic_path
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, x=images.x.permute(0, 2, 3, 1).numpy(), y=images.y.numpy(), classes=np.array(images.classes))
+    return images
+
+
+def read_source(params: dict, split: str) -> ImageSet:
+    """Read the train or test split from the offline path if set, else from the named dataset."""
+    data = params["data"]
+    spec = spec_for(params)
+    path = data["train_path" if split == "train" else "test_path"]
+    if path is not None:
+        path = Path(path)
+        if path.is_dir():
+            return read_image_folder(path, spec.input_size)
+        if path.suffix == ".npz" and path.is_file():
+            return read_npz(path)
+        raise MrpfError(f"data.{split}_path: {path} is neither an .npz file nor an ImageFolder directory")
+    root = Path(data["root"])
+    if data["dataset"] == "tinyimagenet":
+        return _tiny_imagenet(root, split, data["download"])
+    return _read_torchvision(data["dataset"], root, split, data["download"])
+
+
+def load_splits(params: dict, with_test: bool = True) -> Splits:
+    """Read the data and cut the fixed-seed validation and calibration subsets.
+
+    The split seed is fixed (not ``params.seed``) so that runs with different training
+    seeds see the same validation and calibration images.
+    """
+    spec = spec_for(params)
+    full = read_source(params, "train")
+    if full.x.shape[-1] != spec.input_size or full.x.shape[-2] != spec.input_size:
+        raise MrpfError(f"training images are {tuple(full.x.shape[-2:])}, dataset "
+                        f"{params['data']['dataset']!r} expects {spec.input_size}x{spec.input_size}")
+    if int(full.y.max()) >= spec.num_classes:
+        raise MrpfError(f"training labels reach {int(full.y.max())}, dataset "
+                        f"{params['data']['dataset']!r} has {spec.num_classes} classes")
+    n_val, n_cal = params["data"]["val_size"], params["data"]["calibration_size"]
+    if n_val >= len(full):
+        raise MrpfError(f"data.val_size={n_val} leaves no training images (the training split has {len(full)})")
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(12345))
+    train, val = full.subset(order[n_val:]), full.subset(order[:n_val])
+    if n_cal > len(train):
+        raise MrpfError(f"data.calibration_size={n_cal} is larger than the training split ({len(train)} images)")
+    cal_index = torch.randperm(len(train), generator=torch.Generator().manual_seed(54321))[:n_cal]
+    test = read_source(params, "test") if with_test else None
+    return Splits(spec, train, val, train.subset(cal_index), test)
+
+
+def fixed_subset(images: ImageSet, n: int, seed: int = 0) -> ImageSet:
+    """The first ``n`` images of a fixed-seed shuffle (all of them, shuffled, if ``n`` >= len)."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return images.subset(order[: min(n, len(images))])
+
+
+# ----------------------------------------------------------------------------- batches
+
+def augment_batch(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop after zero padding, then random horizontal flip, per image, on x's device.
+
+    The random numbers come from a CPU generator, so results do not depend on the device.
+    """
+    n, _, h, w = x.shape
+    if padding:
+        padded = torch.nn.functional.pad(x, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        x = padded[torch.arange(n, device=x.device)[:, None, None, None],
+                   torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class Batches:
+    """Iterate over (images in [0, 1], labels) batches of an ImageSet held on ``device``.
+
+    ``seed`` fixes shuffling and augmentation, so an epoch is reproducible on its own
+    (that is what lets training resume bit-exactly from any completed epoch).
+    """
+
+    def __init__(self, images: ImageSet, batch_size: int, device: torch.device, *, shuffle: bool = False,
+                 spec: DatasetSpec | None = None, seed: int = 0, channels_last: bool = False):
+        self.x = images.x.to(device)
+        self.y = images.y.to(device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.spec = spec           # None: no augmentation
+        self.seed = seed
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        return (len(self.y) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed)
+        n = len(self.y)
+        order = torch.randperm(n, generator=gen).to(self.x.device) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                xb, yb = self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+            else:
+                idx = order[start:start + self.batch_size]
+                xb, yb = self.x[idx], self.y[idx]
+            if self.spec is not None:
+                xb = augment_batch(xb, self.spec.crop_padding, self.spec.flip, gen)
+            yield xb.float().div_(255).contiguous(memory_format=self.memory_format), yb

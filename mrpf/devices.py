@@ -1,0 +1,61 @@
+"""Device choice, thread count, channels_last and bf16 autocast."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+
+from .errors import MrpfError
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    channels_last: bool
+    bf16: bool          # autocast to bfloat16 for training (CUDA only); evaluation stays fp32
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self):
+        """bf16 autocast on CUDA when asked for; a no-op context otherwise."""
+        if self.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device, memory_format=self.memory_format)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MrpfError(f"device.name: unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MrpfError(f"device.name: {name!r} asked for, but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MrpfError(f"device.name: {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+    elif device.type != "cpu":
+        raise MrpfError(f"device.name: unsupported device {name!r} (auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def setup(device_params: dict) -> Runtime:
+    """Apply ``device.*`` params (threads, cuDNN autotuning) and return the runtime choice."""
+    device = resolve_device(str(device_params["name"]))
+    threads = device_params["threads"]
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise MrpfError(f"device.threads: expected a positive integer, got {threads!r}")
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return Runtime(device, bool(device_params["channels_last"]), bool(device_params["bf16"]))

@@ -1,0 +1,129 @@
+"""Evaluation (``mrpf evaluate``): clean / FGSM / PGD / CW-L-inf / AutoAttack accuracy,
+parameters, MACs and latency, in one metrics JSON plus per-image outcomes.
+
+Robust accuracy is always measured in fp32 and eval mode. Per-image outcomes (which test
+images each attack failed on) are kept so that two models can be compared with paired
+statistics on the same images.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as data_mod
+from . import devices
+from .attacks import autoattack, fgsm, pgd
+from .config import as_float
+from .errors import MrpfError
+from .io import atomic_path, load_checkpoint, write_json
+from .models import build_model, count_parameters
+
+
+def load_model(checkpoint: str | Path, runtime: devices.Runtime) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model a checkpoint describes and load its weights (``weights_only=True``)."""
+    state = load_checkpoint(checkpoint)
+    model = build_model(**state["arch"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as e:
+        raise MrpfError(f"checkpoint {checkpoint}: weights do not fit architecture "
+                        f"{state['arch'].get('name')!r} ({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+    return runtime.prepare(model).eval(), state
+
+
+def count_macs(model: torch.nn.Module, input_size: int, device: torch.device) -> int:
+    """Multiply-accumulates of one forward pass, by torch-pruning's counter."""
+    import torch_pruning as tp
+
+    macs, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, input_size, input_size, device=device))
+    return int(macs)
+
+
+def latency_ms(model: torch.nn.Module, input_size: int, runtime: devices.Runtime, batch: int, repeats: int) -> float:
+    """Median wall time (ms) of one forward pass on a batch, after warm-up."""
+    x = torch.rand(batch, 3, input_size, input_size, device=runtime.device).contiguous(
+        memory_format=runtime.memory_format)
+    sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 3):
+            sync()
+            t0 = time.perf_counter()
+            model(x)
+            sync()
+            if i >= 3:
+                times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def correct_under(model: torch.nn.Module, images: data_mod.ImageSet, attack, runtime: devices.Runtime,
+                  batch_size: int) -> torch.Tensor:
+    """Per image: does the model classify the attacked image right? ``attack(x, y) -> x_adv`` or None."""
+    out = []
+    for x, y in data_mod.Batches(images, batch_size, runtime.device, channels_last=runtime.channels_last):
+        if attack is not None:
+            x = attack(x, y)
+        with torch.no_grad():
+            out.append((model(x).argmax(1) == y).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def evaluate(params: dict, checkpoint: str | Path, out_path: str | Path, log=print) -> dict:
+    """Evaluate ``checkpoint`` on the test split; write metrics JSON to ``out_path`` and outcomes beside it."""
+    runtime = devices.setup(params["device"])
+    ev = params["evaluate"]
+    model, state = load_model(checkpoint, runtime)
+    spec = data_mod.spec_for(params)
+    test = data_mod.read_source(params, "test")
+    arch = state["arch"]
+    if arch["num_classes"] != spec.num_classes or arch["input_size"] != test.x.shape[-1]:
+        raise MrpfError(f"checkpoint {checkpoint}: model is for {arch['num_classes']} classes at "
+                        f"{arch['input_size']}px, the test data has {spec.num_classes} classes at {test.x.shape[-1]}px")
+    images = data_mod.fixed_subset(test, ev["n_images"])
+    eps = as_float(params["attack"]["eps"], "attack.eps")
+    norm = params["attack"]["norm"]
+    step = as_float(ev["step_size"], "evaluate.step_size")
+    torch.manual_seed(params["seed"])
+
+    attacks = {
+        "clean": None,
+        "fgsm": lambda x, y: fgsm(model, x, y, eps=eps),
+        "pgd": lambda x, y: pgd(model, x, y, eps=eps, step_size=step, steps=ev["pgd_steps"], norm=norm,
+                                restarts=ev["restarts"]),
+        "cw": lambda x, y: pgd(model, x, y, eps=eps, step_size=step, steps=ev["pgd_steps"], norm=norm, loss="cw",
+                               restarts=ev["restarts"]),
+    }
+    metrics: dict = {"checkpoint": str(checkpoint), "arch": arch["name"], "eps": eps, "norm": norm,
+                     "pgd_steps": ev["pgd_steps"], "n_images": len(images), "device": str(runtime.device)}
+    outcomes: dict[str, np.ndarray] = {}
+    for name in ev["attacks"]:
+        t0 = time.perf_counter()
+        if name == "autoattack":
+            subset = data_mod.fixed_subset(test, ev["autoattack_images"])
+            if len(subset) == 0:
+                continue
+            correct = autoattack(model, subset.x.float().div(255).to(runtime.device), subset.y.to(runtime.device),
+                                 eps=eps, norm=norm, batch_size=ev["batch_size"], seed=params["seed"])
+            metrics["autoattack_images"] = len(subset)
+        else:
+            correct = correct_under(model, images, attacks[name], runtime, ev["batch_size"])
+        outcomes[name] = correct.numpy()
+        metrics[f"{name}_acc"] = float(correct.float().mean()) if len(correct) else float("nan")
+        log(f"{name:>10}: {metrics[f'{name}_acc']:.4f}  ({len(correct)} images, {time.perf_counter() - t0:.1f}s)")
+
+    metrics["params"] = count_parameters(model)
+    metrics["macs"] = count_macs(model, arch["input_size"], runtime.device)
+    metrics["latency_ms"] = latency_ms(model, arch["input_size"], runtime, ev["latency_batch"], ev["latency_repeats"])
+    metrics["latency_batch"] = ev["latency_batch"]
+
+    out_path = Path(out_path)
+    with atomic_path(out_path.with_name(out_path.stem + "_per_image.npz")) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **outcomes)
+    write_json(out_path, metrics)
+    return metrics

@@ -1,0 +1,84 @@
+"""Atomic file output and the checkpoint format.
+
+Every output is written to a temporary name in the same directory and renamed into
+place, so a killed job never leaves a file that looks finished. Checkpoints hold only
+tensors and plain Python values and are read with ``torch.load(weights_only=True)``:
+no pickled code from a file is ever executed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .errors import MrpfError
+
+CHECKPOINT_FORMAT = "mrpf-checkpoint/1"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:  # the bytes reach the disk before the name does
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise MrpfError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MrpfError(f"{path}: not valid JSON ({e})") from None
+
+
+def save_checkpoint(path: str | os.PathLike, arch: dict, state_dict: dict, **extra: Any) -> None:
+    """Save weights plus the architecture description that rebuilds the model, atomically."""
+    payload = {"format": CHECKPOINT_FORMAT, "arch": arch,
+               "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, **extra}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint with ``weights_only=True``; any unreadable or foreign file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise MrpfError(f"checkpoint {path}: no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MrpfError(f"checkpoint {path}: refused, it holds more than weights "
+                        f"(weights_only load failed: {first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MrpfError(f"checkpoint {path}: unreadable or truncated ({first})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise MrpfError(f"checkpoint {path}: not an mrpf checkpoint (expected format {CHECKPOINT_FORMAT})")
+    return payload

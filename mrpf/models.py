@@ -1,0 +1,230 @@
+"""Model registry: a params name -> an image classifier with normalisation built in.
+
+Every model returned here takes pixels in [0, 1] and normalises inside (the RobustBench
+convention), so attacks work in pixel space. Names:
+
+- ``resnet18``: CIFAR-style ResNet-18 (3x3 stem, no max-pool; He et al. 2016).
+- ``vgg11``, ``vgg16``: VGG with batch norm (Simonyan & Zisserman 2015), CIFAR-style head.
+- ``mobilevit_xxs`` / ``_xs`` / ``_s``: timm's MobileViT (Mehta & Rastegari 2022); for
+  32x32 inputs the stem stride is 1 so the last stage still sees a 2x2 map.
+- a suffix ``_wN`` divides every width by N (``vgg11_w8``: ~150 k parameters, the
+  CPU-scale model), e.g. ``resnet18_w4``.
+- ``tv:NAME`` / ``timm:NAME``: any torchvision or timm classifier, built with
+  ``num_classes`` and no pretrained weights.
+
+The architecture description stored in checkpoints is ``{"name", "num_classes",
+"input_size", "mean", "std"}``; ``build_model(**arch)`` rebuilds the model.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import MrpfError
+
+
+class Normalize(nn.Module):
+    """Per-channel (x - mean) / std on pixel-space inputs."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """``net(normalize(x))``: the wrapper every registry model comes in."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+# ----------------------------------------------------------------------------- ResNet
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for small images: 3x3 stride-1 stem, no max-pool, global average pool."""
+
+    def __init__(self, blocks: Sequence[int], num_classes: int, width: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, in_planes = [], width
+        for i, n in enumerate(blocks):
+            planes = width * 2 ** i
+            stage = []
+            for j in range(n):
+                stage.append(BasicBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1))
+                in_planes = planes
+            layers.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+# ----------------------------------------------------------------------------- VGG
+
+VGG_CONFIGS = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+class VGG(nn.Module):
+    """VGG with batch norm; global average pool + one linear layer (the CIFAR convention)."""
+
+    def __init__(self, config: Sequence, num_classes: int, width_div: int = 1):
+        super().__init__()
+        layers, in_ch = [], 3
+        for item in config:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                out = max(1, item // width_div)
+                layers += [nn.Conv2d(in_ch, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+                in_ch = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+# ----------------------------------------------------------------------------- MobileViT
+
+def _mobilevit(variant: str, num_classes: int, input_size: int, width_div: int) -> nn.Module:
+    import timm
+
+    if width_div != 1:
+        raise MrpfError(f"model.arch: width division is not supported for {variant}")
+    net = timm.create_model(variant, pretrained=False, num_classes=num_classes)
+    if input_size <= 32:
+        # Five stride-2 stages would leave a 1x1 map at 32x32; a stride-1 stem keeps 2x2 (CIFAR practice).
+        net.stem.conv.stride = (1, 1)
+    return net
+
+
+# ----------------------------------------------------------------------------- registry
+
+def _resnet18(num_classes: int, input_size: int, width_div: int) -> nn.Module:
+    return CifarResNet([2, 2, 2, 2], num_classes, width=max(1, 64 // width_div))
+
+
+def _vgg(config: str) -> Callable[[int, int, int], nn.Module]:
+    return lambda num_classes, input_size, width_div: VGG(VGG_CONFIGS[config], num_classes, width_div)
+
+
+def _mv(variant: str) -> Callable[[int, int, int], nn.Module]:
+    return lambda num_classes, input_size, width_div: _mobilevit(variant, num_classes, input_size, width_div)
+
+
+REGISTRY: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "resnet18": _resnet18,
+    "vgg11": _vgg("vgg11"),
+    "vgg16": _vgg("vgg16"),
+    "mobilevit_xxs": _mv("mobilevit_xxs"),
+    "mobilevit_xs": _mv("mobilevit_xs"),
+    "mobilevit_s": _mv("mobilevit_s"),
+}
+
+_WIDTH = re.compile(r"^(?P<base>.+)_w(?P<div>\d+)$")
+
+
+def available() -> list[str]:
+    return sorted(REGISTRY) + ["<name>_wN", "tv:<torchvision name>", "timm:<timm name>"]
+
+
+def check_arch(name: str) -> None:
+    """Raise a clear error for a name the registry cannot build (without building it)."""
+    if not isinstance(name, str) or not name:
+        raise MrpfError(f"model.arch: expected a model name, got {name!r}")
+    source, sep, model_name = name.partition(":")
+    if sep:
+        if source == "tv":
+            import torchvision.models as tvm
+            known = model_name in tvm.list_models()
+        elif source == "timm":
+            import timm
+            known = timm.is_model(model_name)
+        else:
+            known = False
+        if not known:
+            raise MrpfError(f"model.arch: unknown architecture {name!r} (tv:NAME for torchvision, timm:NAME for timm)")
+        return
+    m = _WIDTH.match(name)
+    base = m.group("base") if m and m.group("base") in REGISTRY else name
+    if base not in REGISTRY:
+        raise MrpfError(f"model.arch: unknown architecture {name!r} (choose from {', '.join(available())})")
+    if m and base != name and int(m.group("div")) < 1:
+        raise MrpfError(f"model.arch: width divisor must be >= 1 in {name!r}")
+
+
+def _external(name: str, num_classes: int) -> nn.Module:
+    source, _, model_name = name.partition(":")
+    try:
+        if source == "tv":
+            import torchvision.models as tvm
+            return tvm.get_model(model_name, weights=None, num_classes=num_classes)
+        import timm
+        return timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise MrpfError(f"model.arch: cannot build {name!r} ({str(e).splitlines()[0]})") from None
+
+
+def build_model(name: str, num_classes: int, input_size: int,
+                mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> Classifier:
+    """Build the named classifier (random initialisation) wrapped with its input normalisation."""
+    check_arch(name)
+    if name.startswith(("tv:", "timm:")):
+        net = _external(name, num_classes)
+    else:
+        m = _WIDTH.match(name)
+        base, div = (m.group("base"), int(m.group("div"))) if m and m.group("base") in REGISTRY else (name, 1)
+        net = REGISTRY[base](num_classes, input_size, div)
+    return Classifier(net, mean, std)
+
+
+def arch_description(name: str, num_classes: int, input_size: int, mean, std) -> dict:
+    """The plain-data description that ``build_model(**description)`` turns back into the model."""
+    return {"name": name, "num_classes": int(num_classes), "input_size": int(input_size),
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,83 @@
+"""Training objectives, chosen by name (``train.method``): clean, PGD-AT, TRADES, MART.
+
+The loss formulas are pure functions of logits (tested against the papers' formulas);
+``training_loss`` adds the inner maximisation each method prescribes.
+
+- PGD-AT (Madry et al., 2018): CE(f(x'), y), x' = PGD-k on CE.
+- TRADES (Zhang et al., 2019): CE(f(x), y) + beta * KL(p(x) || p(x')), x' maximises the KL.
+- MART (Wang et al., 2020): BCE(p(x'), y) + beta * KL(p(x) || p(x')) * (1 - p_y(x)),
+  BCE = -log p_y(x') - log(1 - max_{k!=y} p_k(x')), x' = PGD-k on CE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attacks import pgd, trades_adversary
+
+
+@dataclasses.dataclass(frozen=True)
+class Adversary:
+    """The training-time attack: the threat model plus the PGD schedule."""
+
+    eps: float
+    step_size: float
+    steps: int
+    norm: str = "linf"
+
+
+def pgd_at_loss(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_adv, y)
+
+
+def trades_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_clean, 1), reduction="batchmean")
+    return F.cross_entropy(logits_clean, y) + beta * kl
+
+
+def mart_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    p_adv = F.softmax(logits_adv, 1)
+    p_clean = F.softmax(logits_clean, 1)
+    others = p_adv.masked_fill(F.one_hot(y, p_adv.shape[1]).bool(), float("-inf")).max(1).values
+    bce = F.cross_entropy(logits_adv, y) - torch.log(1.0001 - others + 1e-12).mean()
+    kl = (p_clean * (torch.log(p_clean + 1e-12) - torch.log(p_adv + 1e-12))).sum(1)
+    p_true = p_clean.gather(1, y[:, None]).squeeze(1)
+    return bce + beta * (kl * (1.0000001 - p_true)).mean()
+
+
+# Each objective: (model in train mode, x, y, adversary, beta) -> (loss, logits on the attacked input).
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, Adversary, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _clean(model, x, y, adv, beta):
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
+
+
+def _pgd_x(model, x, y, adv):
+    return pgd(model, x, y, eps=adv.eps, step_size=adv.step_size, steps=adv.steps, norm=adv.norm)
+
+
+def _pgd_at(model, x, y, adv, beta):
+    logits_adv = model(_pgd_x(model, x, y, adv))
+    return pgd_at_loss(logits_adv, y), logits_adv
+
+
+def _trades(model, x, y, adv, beta):
+    x_adv = trades_adversary(model, x, eps=adv.eps, step_size=adv.step_size, steps=adv.steps, norm=adv.norm)
+    logits_clean, logits_adv = model(x), model(x_adv)
+    return trades_loss(logits_clean, logits_adv, y, beta), logits_adv
+
+
+def _mart(model, x, y, adv, beta):
+    x_adv = _pgd_x(model, x, y, adv)
+    logits_clean, logits_adv = model(x), model(x_adv)
+    return mart_loss(logits_clean, logits_adv, y, beta), logits_adv
+
+
+OBJECTIVES: dict[str, Objective] = {"clean": _clean, "pgd_at": _pgd_at, "trades": _trades, "mart": _mart}

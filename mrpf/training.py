@@ -1,0 +1,218 @@
+"""Adversarial training (``mrpf train``): SGD with momentum, lr schedules, per-epoch metrics, resume.
+
+The objective is chosen by name (``train.method``, see :mod:`mrpf.objectives`). Each epoch
+seeds its own shuffling, augmentation and attack randomness from ``(seed, epoch)``, so a
+run resumed from its last completed epoch ends with the same weights as one that never
+stopped (CPU). Per-epoch metrics go to ``<run>/history.csv`` (``dvc plots`` draws them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from . import devices
+from .attacks import pgd
+from .config import as_float
+from .errors import MrpfError
+from .io import atomic_path, load_checkpoint, save_checkpoint, write_json
+from .models import arch_description, build_model
+from .objectives import OBJECTIVES, Adversary
+
+RESUME_FILE = "last.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "train_metrics.json"
+
+
+def adversary_from(params: dict) -> Adversary:
+    eps = as_float(params["attack"]["eps"], "attack.eps")
+    steps = params["train"]["steps"]
+    step_size = params["train"]["step_size"]
+    step_size = 2.5 * eps / max(steps, 1) if step_size is None else as_float(step_size, "train.step_size")
+    return Adversary(eps=eps, step_size=step_size, steps=steps, norm=params["attack"]["norm"])
+
+
+def make_optimizer(model: torch.nn.Module, train: dict, device: torch.device) -> torch.optim.Optimizer:
+    """SGD with (Nesterov) momentum; weight decay on conv/linear weights only, not on BN or biases."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": as_float(train["weight_decay"], "train.weight_decay")},
+              {"params": no_decay, "weight_decay": 0.0}]
+    lr = as_float(train["lr"], "train.lr")
+    momentum = as_float(train["momentum"], "train.momentum")
+    kwargs = {"foreach": True} if device.type == "cuda" else {}
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=bool(train["nesterov"]) and momentum > 0,
+                           **kwargs)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: dict, steps_per_epoch: int):
+    """A per-batch learning-rate schedule from torch.optim.lr_scheduler."""
+    total = max(1, train["epochs"] * steps_per_epoch)
+    sched = torch.optim.lr_scheduler
+    name = train["schedule"]
+    if name == "onecycle":
+        return sched.OneCycleLR(optimizer, max_lr=as_float(train["lr"], "train.lr"), total_steps=total,
+                                pct_start=0.3, cycle_momentum=False, anneal_strategy="linear")
+    if name == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=total)
+    if name == "multistep":
+        milestones = [int(round(float(m) * total)) for m in train["milestones"]]
+        return sched.MultiStepLR(optimizer, milestones=milestones, gamma=as_float(train["gamma"], "train.gamma"))
+    return sched.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def _resume_key(params: dict) -> str:
+    """The params that define a training run; a resume with different ones is refused."""
+    return json.dumps({k: params[k] for k in ("seed", "data", "model", "attack", "train")}, sort_keys=True)
+
+
+def evaluate_split(model: torch.nn.Module, images: data_mod.ImageSet, runtime: devices.Runtime,
+                   adversary: Adversary | None, batch_size: int = 500) -> float:
+    """Accuracy on ``images``, clean (adversary None) or under PGD (fp32, eval mode)."""
+    if len(images) == 0:
+        return float("nan")
+    correct = 0
+    was_training = model.training
+    model.eval()
+    for x, y in data_mod.Batches(images, batch_size, runtime.device, channels_last=runtime.channels_last):
+        if adversary is not None:
+            x = pgd(model, x, y, eps=adversary.eps, step_size=adversary.step_size, steps=adversary.steps,
+                    norm=adversary.norm)
+        with torch.no_grad():
+            correct += int((model(x).argmax(1) == y).sum())
+    model.train(was_training)
+    return correct / len(images)
+
+
+class _Progress:
+    """A tqdm bar within the epoch on a terminal; nothing otherwise (the epoch line is always printed)."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, loss: float, acc: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", rob_acc=f"{acc:.3f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+HISTORY_FILE = "history.csv"
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_robust_acc", "train_clean_acc", "val_clean_acc", "val_pgd_acc",
+                   "lr", "images_per_s", "epoch_seconds")
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """Per-epoch metrics as CSV (``dvc plots show`` draws it, x = epoch), rewritten atomically.
+
+    Not dvclive: dvclive.Live initialises a DVC repository in any Git checkout it runs in,
+    fails in a Git repository without commits, and appends to its files in place, so a
+    killed run can leave a torn or duplicated row. This file is rebuilt from the resume
+    state after each epoch instead, so it always matches the last completed epoch.
+    """
+    rows = [",".join(HISTORY_COLUMNS)]
+    for row in history:
+        rows.append(",".join("" if row.get(c) is None else f"{row[c]:.6g}" if isinstance(row[c], float)
+                             else str(row[c]) for c in HISTORY_COLUMNS))
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(rows) + "\n")
+
+
+def train(params: dict, run_dir: str | Path, log=print) -> dict:
+    """Train a model as ``params`` say; write ``checkpoint.pt`` and ``train_metrics.json`` to ``run_dir``."""
+    run_dir = Path(run_dir)
+    runtime = devices.setup(params["device"])
+    tp = params["train"]
+    objective = OBJECTIVES[tp["method"]]
+    adversary = adversary_from(params)
+    eps = adversary.eps
+    val_adversary = Adversary(eps=eps, step_size=as_float(params["evaluate"]["step_size"], "evaluate.step_size"),
+                              steps=tp["val_pgd_steps"], norm=adversary.norm)
+    splits = data_mod.load_splits(params, with_test=False)
+    spec = splits.spec
+    arch = arch_description(params["model"]["arch"], spec.num_classes, spec.input_size, spec.mean, spec.std)
+
+    torch.manual_seed(params["seed"])
+    model = runtime.prepare(build_model(**arch))
+    steps_per_epoch = math.ceil(len(splits.train) / tp["batch_size"])
+    optimizer = make_optimizer(model, tp, runtime.device)
+    scheduler = make_scheduler(optimizer, tp, steps_per_epoch)
+
+    start_epoch, history = 0, []
+    resume_path = run_dir / RESUME_FILE
+    if resume_path.is_file():
+        state = load_checkpoint(resume_path)
+        if state.get("resume_key") != _resume_key(params):
+            raise MrpfError(f"{resume_path} belongs to a run with different parameters; "
+                            f"delete it or choose another run name")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        log(f"resuming {run_dir.name} after epoch {start_epoch}/{tp['epochs']}")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_images = data_mod.Batches(splits.train, tp["batch_size"], runtime.device, shuffle=True,
+                                    spec=spec if params["data"]["augment"] else None,
+                                    channels_last=runtime.channels_last)
+    for epoch in range(start_epoch, tp["epochs"]):
+        torch.manual_seed(params["seed"] * 100_003 + epoch)      # attack random starts of this epoch
+        train_images.seed = params["seed"] * 1_000_003 + epoch     # shuffling and augmentation of this epoch
+        model.train()
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=runtime.device)
+        correct = torch.zeros((), device=runtime.device, dtype=torch.long)
+        seen = 0
+        progress = _Progress(len(train_images), f"epoch {epoch + 1}/{tp['epochs']}")
+        for batch, (x, y) in enumerate(train_images):
+            with runtime.autocast():
+                loss, logits = objective(model, x, y, adversary, as_float(tp["beta"], "train.beta"))
+            if not torch.isfinite(loss):
+                progress.close()
+                raise MrpfError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, batch {batch + 1} "
+                                f"(lower train.lr?); no checkpoint of this epoch was written")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]   # the rate this batch used
+            scheduler.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            progress.update(loss.item() if progress.bar is not None else 0.0, 0.0)
+        progress.close()
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch, "train_loss": float(loss_sum) / seen,
+               ("train_clean_acc" if tp["method"] == "clean" else "train_robust_acc"): int(correct) / seen,
+               "lr": lr, "images_per_s": seen / seconds, "epoch_seconds": seconds,
+               "val_clean_acc": evaluate_split(model, splits.val, runtime, None),
+               "val_pgd_acc": evaluate_split(model, splits.val, runtime, val_adversary) if tp["val_pgd_steps"] else None}
+        history.append(row)
+        save_checkpoint(resume_path, arch, model.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), epoch=epoch, history=history,
+                        resume_key=_resume_key(params))
+        write_history(run_dir / HISTORY_FILE, history)
+        val_pgd = "-" if row["val_pgd_acc"] is None else f"{row['val_pgd_acc']:.3f}"
+        log(f"epoch {epoch + 1}/{tp['epochs']}  loss {row['train_loss']:.4f}  "
+            f"train_acc {int(correct) / seen:.3f}  val_clean {row['val_clean_acc']:.3f}  val_pgd {val_pgd}  "
+            f"{row['images_per_s']:.0f} img/s  {seconds:.1f}s")
+
+    summary = {"epochs": tp["epochs"], "method": tp["method"], "arch": arch["name"],
+               "train_seconds": sum(r["epoch_seconds"] for r in history),
+               **({k: v for k, v in history[-1].items() if k != "epoch"} if history else {})}
+    save_checkpoint(run_dir / CHECKPOINT_FILE, arch, model.state_dict(), epoch=tp["epochs"], params=params)
+    write_json(run_dir / METRICS_FILE, summary)
+    resume_path.unlink(missing_ok=True)
+    return summary

@@ -1,0 +1,59 @@
+"""Shared fixtures: generated tiny datasets (so the suite passes on a clone without
+../shared) and the real CIFAR-10 subset from ../shared/data where present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_TRAIN = SHARED_DATA / "cifar10-subset-train.npz"
+REAL_TEST = SHARED_DATA / "cifar10-subset-test.npz"
+
+
+def make_images(n: int, classes: int = 10, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable synthetic images: each class is a coloured blob at its own place, plus noise."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    rng.shuffle(y)
+    x = rng.normal(110, 30, size=(n, size, size, 3))
+    colours = np.random.default_rng(1234).uniform(0, 255, size=(classes, 3))  # the same classes in every file
+    for i, label in enumerate(y):
+        cy, cx = (label * 7) % (size - 8) + 4, (label * 13) % (size - 8) + 4
+        x[i, cy - 4:cy + 4, cx - 4:cx + 4] = colours[label]
+    return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+
+def write_npz(path: Path, n: int, classes: int = 10, size: int = 32, seed: int = 0) -> Path:
+    x, y = make_images(n, classes, size, seed)
+    np.savez(path, x=x, y=y, classes=np.array([f"class{i}" for i in range(classes)]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """Generated CIFAR-shaped train/test .npz files (600 / 200 images, 10 classes)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {"train": write_npz(root / "train.npz", 600, seed=1), "test": write_npz(root / "test.npz", 200, seed=2)}
+
+
+def tiny_overrides(tiny_data: dict) -> list[str]:
+    """Params overrides for fast runs on the generated data."""
+    return [f"data.train_path={tiny_data['train']}", f"data.test_path={tiny_data['test']}",
+            "data.val_size=100", "data.calibration_size=64", "train.epochs=2", "train.batch_size=64",
+            "train.steps=2", "train.val_pgd_steps=2", "evaluate.n_images=100", "evaluate.autoattack_images=0",
+            "evaluate.pgd_steps=3", "evaluate.latency_repeats=2", "evaluate.latency_batch=8",
+            "device.name=cpu"]
+
+
+@pytest.fixture(scope="session")
+def real_data() -> dict:
+    if not (REAL_TRAIN.is_file() and REAL_TEST.is_file()):
+        pytest.skip(f"real CIFAR-10 subset not found at {SHARED_DATA} (only present beside the project checkout)")
+    return {"train": REAL_TRAIN, "test": REAL_TEST}

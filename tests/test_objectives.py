@@ -1,0 +1,50 @@
+"""The training losses equal the published formulas, computed here the long way."""
+
+import math
+
+import pytest
+import torch
+
+from mrpf.objectives import mart_loss, pgd_at_loss, trades_loss
+
+
+@pytest.fixture
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen), torch.tensor([0, 1, 2, 3, 4, 0])
+
+
+def softmax(row):
+    e = [math.exp(v) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def test_pgd_at_is_cross_entropy_on_adversarial_logits(batch):
+    _, adv, y = batch
+    expected = sum(-math.log(softmax(adv[i].tolist())[y[i]]) for i in range(6)) / 6
+    assert pgd_at_loss(adv, y).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_trades_formula(batch):
+    # Zhang et al. 2019, eq. 5: CE(f(x), y) + beta * KL(p(x) || p(x')), averaged over the batch
+    clean, adv, y = batch
+    beta = 6.0
+    total = 0.0
+    for i in range(6):
+        p, q = softmax(clean[i].tolist()), softmax(adv[i].tolist())
+        total += -math.log(p[y[i]]) + beta * sum(pj * math.log(pj / qj) for pj, qj in zip(p, q))
+    assert trades_loss(clean, adv, y, beta).item() == pytest.approx(total / 6, rel=1e-5)
+
+
+def test_mart_formula(batch):
+    # Wang et al. 2020, eq. 8: BCE(p(x'), y) + beta * KL(p(x) || p(x')) * (1 - p_y(x))
+    clean, adv, y = batch
+    beta = 5.0
+    total = 0.0
+    for i in range(6):
+        p, q = softmax(clean[i].tolist()), softmax(adv[i].tolist())
+        top_other = max(q[j] for j in range(5) if j != y[i])
+        bce = -math.log(q[y[i]]) - math.log(1 - top_other)
+        kl = sum(pj * math.log(pj / qj) for pj, qj in zip(p, q))
+        total += bce + beta * kl * (1 - p[y[i]])
+    assert mart_loss(clean, adv, y, beta).item() == pytest.approx(total / 6, rel=1e-3)

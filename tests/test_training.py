@@ -1,0 +1,170 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mrpf.config import load_params
+from mrpf.devices import setup
+from mrpf.errors import MrpfError
+from mrpf.evaluation import load_model
+from mrpf.io import load_checkpoint, save_checkpoint
+from mrpf.models import arch_description, build_model
+from mrpf.training import make_scheduler, train
+
+from .conftest import tiny_overrides
+
+CPU = setup({"name": "cpu", "threads": None, "channels_last": True, "bf16": False})
+
+
+def quiet(message):
+    pass
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    arch = arch_description("resnet18_w8", 10, 32, (0.4, 0.4, 0.4), (0.2, 0.2, 0.2))
+    torch.manual_seed(0)
+    model = build_model(**arch).eval()
+    save_checkpoint(tmp_path / "c.pt", arch, model.state_dict())
+    loaded, state = load_model(tmp_path / "c.pt", CPU)
+    model = CPU.prepare(model)     # same memory format: channels_last picks other conv kernels
+    x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert state["arch"] == arch
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    arch = arch_description("vgg11_w8", 10, 32, (0.5,) * 3, (0.5,) * 3)
+    weights = build_model("resnet18_w8", 10, 32).state_dict()
+    save_checkpoint(tmp_path / "c.pt", arch, weights)
+    with pytest.raises(MrpfError, match="weights do not fit architecture 'vgg11_w8'"):
+        load_model(tmp_path / "c.pt", CPU)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    arch = arch_description("vgg11_w8", 10, 32, (0.5,) * 3, (0.5,) * 3)
+    save_checkpoint(tmp_path / "c.pt", arch, build_model(**arch).state_dict())
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "t.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MrpfError, match="unreadable or truncated"):
+        load_checkpoint(tmp_path / "t.pt")
+
+
+class _Boom:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format": "mrpf-checkpoint/1", "arch": {}, "state_dict": {}, "payload": _Boom()}, tmp_path / "evil.pt")
+    with pytest.raises(MrpfError, match="refused"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "multistep", "constant"])
+def test_schedules_stay_positive_and_peak_at_lr(schedule):
+    params = load_params(None, [f"train.schedule={schedule}", "train.epochs=4"])
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = make_scheduler(opt, params["train"], steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert min(lrs) > 0 and max(lrs) == pytest.approx(0.1)
+    if schedule == "multistep":
+        assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "trades", "mart"])
+def test_each_method_trains_and_writes_its_outputs(tiny_data, tmp_path, method):
+    params = load_params(None, tiny_overrides(tiny_data) + [f"train.method={method}", "train.epochs=1"])
+    summary = train(params, tmp_path / "run", log=quiet)
+    assert summary["method"] == method and 0 <= summary["val_pgd_acc"] <= 1
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "run" / "last.pt").exists()
+    lines = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,train_loss") and len(lines) == 2
+
+
+def test_resumed_run_ends_with_the_same_weights(tiny_data, tmp_path):
+    params = load_params(None, tiny_overrides(tiny_data) + ["train.epochs=3"])
+    train(params, tmp_path / "straight", log=quiet)
+
+    def stop_after_epoch_2(message):
+        if message.startswith("epoch 2/3"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(params, tmp_path / "resumed", log=stop_after_epoch_2)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    messages = []
+    train(params, tmp_path / "resumed", log=messages.append)
+    assert messages[0].startswith("resuming resumed after epoch 2/3")
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "straight" / "history.csv").read_text().count("\n") == \
+        (tmp_path / "resumed" / "history.csv").read_text().count("\n") == 4
+
+
+def test_resume_with_other_params_is_refused(tiny_data, tmp_path):
+    params = load_params(None, tiny_overrides(tiny_data) + ["train.epochs=2"])
+
+    def stop(message):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(params, tmp_path / "run", log=stop)
+    params["train"]["lr"] = 0.01
+    with pytest.raises(MrpfError, match="different parameters"):
+        train(params, tmp_path / "run", log=quiet)
+
+
+def test_divergence_stops_with_epoch_and_batch_and_no_checkpoint(tiny_data, tmp_path):
+    params = load_params(None, tiny_overrides(tiny_data) + ["train.lr=1e30", "train.method=clean"])
+    with pytest.raises(MrpfError, match=r"training diverged: loss is (nan|inf) at epoch 1, batch \d+"):
+        train(params, tmp_path / "run", log=quiet)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "last.pt").exists()
+
+
+def mrpf(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "mrpf", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_train_then_evaluate(tiny_data, tmp_path):
+    overrides = tiny_overrides(tiny_data) + ["train.epochs=1", "evaluate.autoattack_images=8",
+                                              "evaluate.batch_size=50"]
+    done = mrpf("train", "--run", "r1", *overrides, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "epoch 1/1" in done.stderr
+    done = mrpf("evaluate", "--run", "r1", *overrides, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "runs" / "r1" / "eval.json").read_text())
+    for key in ("clean_acc", "fgsm_acc", "pgd_acc", "cw_acc", "autoattack_acc", "params", "macs", "latency_ms"):
+        assert key in metrics
+    assert metrics["n_images"] == 100 and metrics["autoattack_images"] == 8
+    assert metrics["pgd_acc"] <= metrics["clean_acc"]
+    assert 0 < metrics["macs"] and 140_000 < metrics["params"] < 155_000
+    outcomes = __import__("numpy").load(tmp_path / "runs" / "r1" / "eval_per_image.npz")
+    assert outcomes["pgd"].shape == (100,) and outcomes["autoattack"].shape == (8,)
+    assert outcomes["pgd"].mean() == pytest.approx(metrics["pgd_acc"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--run", "x", "train.epochs=-1"], "train.epochs: expected a non-negative integer"),
+    (["train", "--run", "x", "model.arch=resnet99"], "model.arch: unknown architecture 'resnet99'"),
+    (["train", "--run", "x", "--device", "cuda:7"], "device.name"),
+    (["train", "--run", "x", "data.calibration_size=1000"], "calibration_size=1000 is larger than the training split"),
+    (["evaluate", "--run", "missing"], "no such file"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_data, args, message):
+    done = mrpf(*args[:3], *tiny_overrides(tiny_data)[:4], *args[3:], cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and message in done.stderr
+    assert not (tmp_path / "runs" / "x" / "checkpoint.pt").exists()
