@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "model": {
         "arch": "vgg11_w8",         # a name from mrpf.models.available(), or tv:NAME / timm:NAME
+        "activation": "relu",       # relu | silu | gelu (registry ResNet/VGG only)
     },
     "attack": {                     # the threat model, for training and evaluation
         "norm": "linf",             # linf | l2

@@ -13,7 +13,7 @@ convention), so attacks work in pixel space. Names:
   ``num_classes`` and no pretrained weights.
 
 The architecture description stored in checkpoints is ``{"name", "num_classes",
-"input_size", "mean", "std"}``; ``build_model(**arch)`` rebuilds the model.
+"input_size", "mean", "std", "activation"}``; ``build_model(**arch)`` rebuilds the model.
 """
 
 from __future__ import annotations
@@ -53,11 +53,15 @@ class Classifier(nn.Module):
 
 # ----------------------------------------------------------------------------- ResNet
 
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, act: type[nn.Module] = nn.ReLU):
         super().__init__()
+        self.act1, self.act2 = act(), act()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
@@ -67,24 +71,25 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x))
+        return self.act2(out + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
     """ResNet for small images: 3x3 stride-1 stem, no max-pool, global average pool."""
 
-    def __init__(self, blocks: Sequence[int], num_classes: int, width: int = 64):
+    def __init__(self, blocks: Sequence[int], num_classes: int, width: int = 64, act: type[nn.Module] = nn.ReLU):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
+        self.act = act()
         layers, in_planes = [], width
         for i, n in enumerate(blocks):
             planes = width * 2 ** i
             stage = []
             for j in range(n):
-                stage.append(BasicBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1))
+                stage.append(BasicBlock(in_planes, planes, stride=2 if (i > 0 and j == 0) else 1, act=act))
                 in_planes = planes
             layers.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
@@ -92,7 +97,7 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(in_planes, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.act(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.pool(x), 1))
 
@@ -108,7 +113,7 @@ VGG_CONFIGS = {
 class VGG(nn.Module):
     """VGG with batch norm; global average pool + one linear layer (the CIFAR convention)."""
 
-    def __init__(self, config: Sequence, num_classes: int, width_div: int = 1):
+    def __init__(self, config: Sequence, num_classes: int, width_div: int = 1, act: type[nn.Module] = nn.ReLU):
         super().__init__()
         layers, in_ch = [], 3
         for item in config:
@@ -116,7 +121,7 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             else:
                 out = max(1, item // width_div)
-                layers += [nn.Conv2d(in_ch, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(in_ch, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), act()]
                 in_ch = out
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -142,19 +147,23 @@ def _mobilevit(variant: str, num_classes: int, input_size: int, width_div: int) 
 
 # ----------------------------------------------------------------------------- registry
 
-def _resnet18(num_classes: int, input_size: int, width_div: int) -> nn.Module:
-    return CifarResNet([2, 2, 2, 2], num_classes, width=max(1, 64 // width_div))
+def _resnet18(num_classes: int, input_size: int, width_div: int, act: type[nn.Module]) -> nn.Module:
+    return CifarResNet([2, 2, 2, 2], num_classes, width=max(1, 64 // width_div), act=act)
 
 
-def _vgg(config: str) -> Callable[[int, int, int], nn.Module]:
-    return lambda num_classes, input_size, width_div: VGG(VGG_CONFIGS[config], num_classes, width_div)
+def _vgg(config: str) -> Callable[..., nn.Module]:
+    return lambda num_classes, input_size, width_div, act: VGG(VGG_CONFIGS[config], num_classes, width_div, act)
 
 
-def _mv(variant: str) -> Callable[[int, int, int], nn.Module]:
-    return lambda num_classes, input_size, width_div: _mobilevit(variant, num_classes, input_size, width_div)
+def _mv(variant: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, input_size: int, width_div: int, act: type[nn.Module]) -> nn.Module:
+        if act is not nn.ReLU:
+            raise MrpfError(f"model.activation: {variant} keeps its own activations; leave model.activation=relu")
+        return _mobilevit(variant, num_classes, input_size, width_div)
+    return build
 
 
-REGISTRY: dict[str, Callable[[int, int, int], nn.Module]] = {
+REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet18,
     "vgg11": _vgg("vgg11"),
     "vgg16": _vgg("vgg16"),
@@ -208,22 +217,31 @@ def _external(name: str, num_classes: int) -> nn.Module:
 
 
 def build_model(name: str, num_classes: int, input_size: int,
-                mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> Classifier:
-    """Build the named classifier (random initialisation) wrapped with its input normalisation."""
+                mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                activation: str = "relu") -> Classifier:
+    """Build the named classifier (random initialisation) wrapped with its input normalisation.
+
+    ``activation`` (relu, silu, gelu) applies to the registry's ResNet and VGG; smooth
+    activations can help adversarial training (Xie et al., 2020, "Smooth Adversarial Training").
+    """
     check_arch(name)
+    if activation not in ACTIVATIONS:
+        raise MrpfError(f"model.activation: unknown activation {activation!r} (choose from {', '.join(ACTIVATIONS)})")
     if name.startswith(("tv:", "timm:")):
+        if activation != "relu":
+            raise MrpfError(f"model.activation: {name} keeps its own activations; leave model.activation=relu")
         net = _external(name, num_classes)
     else:
         m = _WIDTH.match(name)
         base, div = (m.group("base"), int(m.group("div"))) if m and m.group("base") in REGISTRY else (name, 1)
-        net = REGISTRY[base](num_classes, input_size, div)
+        net = REGISTRY[base](num_classes, input_size, div, ACTIVATIONS[activation])
     return Classifier(net, mean, std)
 
 
-def arch_description(name: str, num_classes: int, input_size: int, mean, std) -> dict:
+def arch_description(name: str, num_classes: int, input_size: int, mean, std, activation: str = "relu") -> dict:
     """The plain-data description that ``build_model(**description)`` turns back into the model."""
     return {"name": name, "num_classes": int(num_classes), "input_size": int(input_size),
-            "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std], "activation": activation}
 
 
 def count_parameters(model: nn.Module) -> int:

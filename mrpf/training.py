@@ -142,7 +142,8 @@ def train(params: dict, run_dir: str | Path, log=print) -> dict:
                               steps=tp["val_pgd_steps"], norm=adversary.norm)
     splits = data_mod.load_splits(params, with_test=False)
     spec = splits.spec
-    arch = arch_description(params["model"]["arch"], spec.num_classes, spec.input_size, spec.mean, spec.std)
+    arch = arch_description(params["model"]["arch"], spec.num_classes, spec.input_size, spec.mean, spec.std,
+                            params["model"]["activation"])
 
     torch.manual_seed(params["seed"])
     model = runtime.prepare(build_model(**arch))
