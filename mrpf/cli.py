@@ -31,7 +31,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mrpf", description="Robustness-aware structured pruning (MRPF): train, evaluate, prune.")
+        prog="mrpf", description="Robustness-aware structured pruning (MRPF): train, evaluate, mrs, prune.")
     parser.add_argument("--version", action="version", version=f"mrpf {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
@@ -47,6 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", metavar="PATH", help="checkpoint to evaluate (default: RUNS_DIR/NAME/checkpoint.pt)")
     p.add_argument("--out", metavar="PATH", help="metrics JSON to write (default: RUNS_DIR/NAME/eval.json)")
+
+    p = verbs.add_parser("mrs", help="Module Robustness Sensitivity of every prunable group of a checkpoint",
+                         description="Measure MRS per dependency group on the calibration set and the ratios "
+                                     "MRPF would allocate at prune.sparsity. Writes RUNS_DIR/NAME/mrs.json and "
+                                     "mrs.png (bar chart of MRS and ratio per group).")
+    _common(p)
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="the (adversarially trained) model to measure")
+
+    p = verbs.add_parser("prune", help="iterative prune + adversarial fine-tune (MRPF or a baseline)",
+                         description="Prune a checkpoint to a global budget in prune.steps steps, fine-tuning "
+                                     "after each. Writes RUNS_DIR/NAME/checkpoint.pt (pruned; `mrpf evaluate` "
+                                     "reads it), prune.json (ratios, MRS, counts per step) and step*/ folders.")
+    _common(p)
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="the dense model to prune")
+    p.add_argument("--method", metavar="NAME", help="shortcut for prune.method=NAME (mrpf, mrpf_clean, uniform_l1, "
+                                                    "global_magnitude, taylor_adv, random)")
+    p.add_argument("--sparsity", metavar="S", help="shortcut for prune.sparsity=S, in (0, 1)")
     return parser
 
 
@@ -61,6 +78,10 @@ def _params(args: argparse.Namespace) -> dict:
         overrides.append(f"device.name={args.device}")
     if args.threads is not None:
         overrides.append(f"device.threads={args.threads}")
+    if getattr(args, "method", None) is not None:
+        overrides.append(f"prune.method={args.method}")
+    if getattr(args, "sparsity", None) is not None:
+        overrides.append(f"prune.sparsity={args.sparsity}")
     return load_params(path, overrides)
 
 
@@ -85,6 +106,17 @@ def run(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else run_dir / "eval.json"
         evaluate(params, checkpoint, out, log=_log)
         _log(f"wrote {out}")
+    elif args.verb == "mrs":
+        from .pruning import run_mrs
+
+        result = run_mrs(params, args.checkpoint, run_dir, log=_log)
+        _log(f"wrote {run_dir / 'mrs.json'} and mrs.png ({len(result['groups'])} groups, {result['seconds']:.0f}s)")
+    elif args.verb == "prune":
+        from .pruning import run_prune
+
+        summary = run_prune(params, args.checkpoint, run_dir, log=_log)
+        _log(f"wrote {run_dir / 'checkpoint.pt'} ({summary['method']}: {summary['achieved']:.1%} "
+             f"{summary['metric']} removed)")
     return 0
 
 

@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
         "steps": 5,                 # attack steps during training
         "step_size": None,          # None: 2.5 * eps / steps (Madry et al.)
         "val_pgd_steps": 10,        # PGD steps for the per-epoch validation accuracy
+        "ema_decay": None,          # e.g. 0.995: validate and save an EMA of the weights (None: off)
     },
     "evaluate": {
         "n_images": 2000,           # test images for clean/FGSM/PGD/CW (all of them if fewer)
@@ -63,6 +64,26 @@ DEFAULTS: dict[str, Any] = {
         "latency_batch": 128,
         "latency_repeats": 20,
         "attacks": ["clean", "fgsm", "pgd", "cw", "autoattack"],
+    },
+    "mrs": {                        # Module Robustness Sensitivity (docs/method.md)
+        "probe_ratio": 0.5,         # rho: fraction of a group's channels masked by the probe
+        "attack": "adaptive",       # adaptive (re-attack each probed model) | fixed (reuse the unpruned delta)
+        "signal": "robust",         # robust | clean (delta = 0)
+        "steps": 10,                # PGD steps of the probe attack (step 2.5 * eps / steps)
+        "batch_size": 256,
+    },
+    "prune": {
+        "method": "mrpf",           # mrpf | mrpf_clean | uniform_l1 | global_magnitude | taylor_adv | random
+        "sparsity": 0.5,            # S: fraction of the dense model's budget metric removed
+        "metric": "macs",           # macs | params
+        "alpha": 1.0,               # exponent on MRS in the allocation
+        "r_max": 0.9,               # no group loses more than this fraction of its channels
+        "cost_aware": True,         # weight ratios by the group's share of the budget metric
+        "steps": 3,                 # T iterative steps; step t reaches S * t / T
+        "finetune_epochs": 2,       # E_t: fine-tuning epochs after each step
+        "final_epochs": 4,          # extra epochs added to the last step's fine-tune
+        "finetune_method": "trades",
+        "finetune_lr": 0.01,        # peak lr of each fine-tune (cosine schedule)
     },
     "device": {
         "name": "auto",             # auto | cpu | cuda | cuda:N
@@ -195,6 +216,25 @@ def validate(params: dict) -> None:
         section, name = key.split(".")
         if as_float(params[section][name], key) < 0:
             raise MrpfError(f"{key}: must be >= 0, got {params[section][name]!r}")
+    _choice(params, "mrs.attack", ("adaptive", "fixed"))
+    _choice(params, "mrs.signal", ("robust", "clean"))
+    _choice(params, "prune.method", ("mrpf", "mrpf_clean", "uniform_l1", "global_magnitude", "taylor_adv", "random"))
+    _choice(params, "prune.metric", ("macs", "params"))
+    _choice(params, "prune.finetune_method", tuple(OBJECTIVES))
+    sparsity = as_float(params["prune"]["sparsity"], "prune.sparsity")
+    if not 0 < sparsity < 1:
+        raise MrpfError(f"prune.sparsity: must lie in (0, 1), got {params['prune']['sparsity']!r}")
+    for key in ("mrs.probe_ratio", "prune.r_max"):
+        section, name = key.split(".")
+        if not 0 < as_float(params[section][name], key) <= 1:
+            raise MrpfError(f"{key}: must lie in (0, 1], got {params[section][name]!r}")
+    for key in ("mrs.steps", "prune.finetune_epochs", "prune.final_epochs"):
+        _positive_int(params, key, allow_zero=True)
+    for key in ("mrs.batch_size", "prune.steps"):
+        _positive_int(params, key)
+    decay = params["train"]["ema_decay"]
+    if decay is not None and not 0 < as_float(decay, "train.ema_decay") < 1:
+        raise MrpfError(f"train.ema_decay: must lie in (0, 1) or be null, got {decay!r}")
     unknown = set(params["evaluate"]["attacks"]) - {"clean", "fgsm", "pgd", "cw", "autoattack"}
     if unknown:
         raise MrpfError(f"evaluate.attacks: unknown attack(s) {sorted(unknown)} "

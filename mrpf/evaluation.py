@@ -21,13 +21,13 @@ from .attacks import autoattack, fgsm, pgd
 from .config import as_float
 from .errors import MrpfError
 from .io import atomic_path, load_checkpoint, write_json
-from .models import build_model, count_parameters
+from .models import count_parameters, instantiate
 
 
 def load_model(checkpoint: str | Path, runtime: devices.Runtime) -> tuple[torch.nn.Module, dict]:
     """Rebuild the model a checkpoint describes and load its weights (``weights_only=True``)."""
     state = load_checkpoint(checkpoint)
-    model = build_model(**state["arch"])
+    model = instantiate(state["arch"])
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as e:

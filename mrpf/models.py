@@ -13,7 +13,8 @@ convention), so attacks work in pixel space. Names:
   ``num_classes`` and no pretrained weights.
 
 The architecture description stored in checkpoints is ``{"name", "num_classes",
-"input_size", "mean", "std", "activation"}``; ``build_model(**arch)`` rebuilds the model.
+"input_size", "mean", "std", "activation"}``, plus ``pruning_history`` for a pruned model;
+``instantiate(arch)`` rebuilds the model.
 """
 
 from __future__ import annotations
@@ -239,9 +240,18 @@ def build_model(name: str, num_classes: int, input_size: int,
 
 
 def arch_description(name: str, num_classes: int, input_size: int, mean, std, activation: str = "relu") -> dict:
-    """The plain-data description that ``build_model(**description)`` turns back into the model."""
+    """The plain-data description that ``instantiate(description)`` turns back into the model."""
     return {"name": name, "num_classes": int(num_classes), "input_size": int(input_size),
             "mean": [float(v) for v in mean], "std": [float(v) for v in std], "activation": activation}
+
+
+def instantiate(arch: dict) -> Classifier:
+    """Build the model an architecture description names, pruned as its ``pruning_history`` says."""
+    from .groups import replay
+
+    keys = ("name", "num_classes", "input_size", "mean", "std", "activation")
+    model = build_model(**{k: arch[k] for k in keys if k in arch})
+    return replay(model, arch.get("pruning_history", []), arch["input_size"])
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -36,7 +36,10 @@ def pgd_at_loss(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def trades_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
-    kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_clean, 1), reduction="batchmean")
+    # KL in log space: with softmax(clean) as the target, a probability that underflows to 0
+    # makes the target's gradient log(0) = -inf and the weights NaN (seen on a pruned model).
+    kl = F.kl_div(F.log_softmax(logits_adv, 1), F.log_softmax(logits_clean, 1), reduction="batchmean",
+                  log_target=True)
     return F.cross_entropy(logits_clean, y) + beta * kl
 
 

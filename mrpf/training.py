@@ -22,7 +22,7 @@ from .attacks import pgd
 from .config import as_float
 from .errors import MrpfError
 from .io import atomic_path, load_checkpoint, save_checkpoint, write_json
-from .models import arch_description, build_model
+from .models import arch_description, instantiate
 from .objectives import OBJECTIVES, Adversary
 
 RESUME_FILE = "last.pt"
@@ -67,9 +67,23 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train: dict, steps_per_epoc
     return sched.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def _resume_key(params: dict) -> str:
+def make_ema(model: torch.nn.Module, decay):
+    """Exponential moving average of weights and BN statistics (torch.optim.swa_utils), or None.
+
+    Weight averaging raises robust accuracy in adversarial training at no compute cost
+    (Gowal et al., 2020; Rebuffi et al., 2021). The average, not the raw model, is validated
+    and saved.
+    """
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=True)
+
+
+def _resume_key(params: dict, arch: dict) -> str:
     """The params that define a training run; a resume with different ones is refused."""
-    return json.dumps({k: params[k] for k in ("seed", "data", "model", "attack", "train")}, sort_keys=True)
+    return json.dumps({"arch": arch, **{k: params[k] for k in ("seed", "data", "attack", "train")}}, sort_keys=True)
 
 
 def evaluate_split(model: torch.nn.Module, images: data_mod.ImageSet, runtime: devices.Runtime,
@@ -130,8 +144,13 @@ def write_history(path: Path, history: list[dict]) -> None:
         tmp.write_text("\n".join(rows) + "\n")
 
 
-def train(params: dict, run_dir: str | Path, log=print) -> dict:
-    """Train a model as ``params`` say; write ``checkpoint.pt`` and ``train_metrics.json`` to ``run_dir``."""
+def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Module | None = None,
+          arch: dict | None = None) -> dict:
+    """Train a model as ``params`` say; write ``checkpoint.pt`` and ``train_metrics.json`` to ``run_dir``.
+
+    With ``model`` and ``arch`` (a pruned model being fine-tuned), train that model instead of
+    a freshly initialised one.
+    """
     run_dir = Path(run_dir)
     runtime = devices.setup(params["device"])
     tp = params["train"]
@@ -142,24 +161,29 @@ def train(params: dict, run_dir: str | Path, log=print) -> dict:
                               steps=tp["val_pgd_steps"], norm=adversary.norm)
     splits = data_mod.load_splits(params, with_test=False)
     spec = splits.spec
-    arch = arch_description(params["model"]["arch"], spec.num_classes, spec.input_size, spec.mean, spec.std,
-                            params["model"]["activation"])
-
-    torch.manual_seed(params["seed"])
-    model = runtime.prepare(build_model(**arch))
+    if model is None:
+        arch = arch_description(params["model"]["arch"], spec.num_classes, spec.input_size, spec.mean, spec.std,
+                                params["model"]["activation"])
+        torch.manual_seed(params["seed"])
+        model = instantiate(arch)
+    model = runtime.prepare(model)
     steps_per_epoch = math.ceil(len(splits.train) / tp["batch_size"])
     optimizer = make_optimizer(model, tp, runtime.device)
     scheduler = make_scheduler(optimizer, tp, steps_per_epoch)
+    ema = make_ema(model, tp["ema_decay"])
+    eval_model = model if ema is None else ema.module   # validated and saved
 
     start_epoch, history = 0, []
     resume_path = run_dir / RESUME_FILE
     if resume_path.is_file():
         state = load_checkpoint(resume_path)
-        if state.get("resume_key") != _resume_key(params):
+        if state.get("resume_key") != _resume_key(params, arch):
             raise MrpfError(f"{resume_path} belongs to a run with different parameters; "
                             f"delete it or choose another run name")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         log(f"resuming {run_dir.name} after epoch {start_epoch}/{tp['epochs']}")
@@ -187,6 +211,8 @@ def train(params: dict, run_dir: str | Path, log=print) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
             lr = optimizer.param_groups[0]["lr"]   # the rate this batch used
             scheduler.step()
             loss_sum += loss.detach() * len(y)
@@ -198,12 +224,14 @@ def train(params: dict, run_dir: str | Path, log=print) -> dict:
         row = {"epoch": epoch, "train_loss": float(loss_sum) / seen,
                ("train_clean_acc" if tp["method"] == "clean" else "train_robust_acc"): int(correct) / seen,
                "lr": lr, "images_per_s": seen / seconds, "epoch_seconds": seconds,
-               "val_clean_acc": evaluate_split(model, splits.val, runtime, None),
-               "val_pgd_acc": evaluate_split(model, splits.val, runtime, val_adversary) if tp["val_pgd_steps"] else None}
+               "val_clean_acc": evaluate_split(eval_model, splits.val, runtime, None),
+               "val_pgd_acc": evaluate_split(eval_model, splits.val, runtime, val_adversary)
+               if tp["val_pgd_steps"] else None}
         history.append(row)
         save_checkpoint(resume_path, arch, model.state_dict(), optimizer=optimizer.state_dict(),
+                        **({} if ema is None else {"ema": ema.state_dict()}),
                         scheduler=scheduler.state_dict(), epoch=epoch, history=history,
-                        resume_key=_resume_key(params))
+                        resume_key=_resume_key(params, arch))
         write_history(run_dir / HISTORY_FILE, history)
         val_pgd = "-" if row["val_pgd_acc"] is None else f"{row['val_pgd_acc']:.3f}"
         log(f"epoch {epoch + 1}/{tp['epochs']}  loss {row['train_loss']:.4f}  "
@@ -213,7 +241,7 @@ def train(params: dict, run_dir: str | Path, log=print) -> dict:
     summary = {"epochs": tp["epochs"], "method": tp["method"], "arch": arch["name"],
                "train_seconds": sum(r["epoch_seconds"] for r in history),
                **({k: v for k, v in history[-1].items() if k != "epoch"} if history else {})}
-    save_checkpoint(run_dir / CHECKPOINT_FILE, arch, model.state_dict(), epoch=tp["epochs"], params=params)
+    save_checkpoint(run_dir / CHECKPOINT_FILE, arch, eval_model.state_dict(), epoch=tp["epochs"], params=params)
     write_json(run_dir / METRICS_FILE, summary)
     resume_path.unlink(missing_ok=True)
     return summary

@@ -57,3 +57,16 @@ def real_data() -> dict:
     if not (REAL_TRAIN.is_file() and REAL_TEST.is_file()):
         pytest.skip(f"real CIFAR-10 subset not found at {SHARED_DATA} (only present beside the project checkout)")
     return {"train": REAL_TRAIN, "test": REAL_TEST}
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tiny_data, tmp_path_factory) -> Path:
+    """A small VGG clean-trained on the generated data (it learns it well): a few seconds."""
+    from mrpf.config import load_params
+    from mrpf.training import train
+
+    params = load_params(None, tiny_overrides(tiny_data) + ["train.method=clean", "train.epochs=15",
+                                                            "data.augment=false", "train.val_pgd_steps=0"])
+    run = tmp_path_factory.mktemp("trained")
+    train(params, run, log=lambda m: None)
+    return run / "checkpoint.pt"

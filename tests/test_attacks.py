@@ -3,27 +3,21 @@ import torch
 import torch.nn.functional as F
 
 from mrpf import attacks
-from mrpf.config import load_params
 from mrpf.models import Classifier, build_model
-from mrpf.training import train
 
-from .conftest import tiny_overrides
 
 EPS = 8 / 255
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    """A small model clean-trained on the generated data (learns it well) and a test batch."""
-    params = load_params(None, tiny_overrides(tiny_data) + ["train.method=clean", "train.epochs=15", "data.augment=false",
-                                                            "train.val_pgd_steps=0"])
-    run = tmp_path_factory.mktemp("run")
-    train(params, run, log=lambda m: None)
-    from mrpf.evaluation import load_model
-    from mrpf.devices import setup
+def trained(tiny_data, trained_checkpoint):
+    """The clean-trained small model (conftest) and a test batch."""
     from mrpf.data import read_npz
+    from mrpf.devices import setup
+    from mrpf.evaluation import load_model
 
-    model, _ = load_model(run / "checkpoint.pt", setup(params["device"]))
+    model, _ = load_model(trained_checkpoint, setup({"name": "cpu", "threads": None, "channels_last": True,
+                                                     "bf16": False}))
     test = read_npz(tiny_data["test"])
     return model, test.x[:100].float() / 255, test.y[:100]
 

@@ -48,3 +48,10 @@ def test_mart_formula(batch):
         kl = sum(pj * math.log(pj / qj) for pj, qj in zip(p, q))
         total += bce + beta * kl * (1 - p[y[i]])
     assert mart_loss(clean, adv, y, beta).item() == pytest.approx(total / 6, rel=1e-3)
+
+
+def test_trades_gradient_stays_finite_when_probabilities_underflow():
+    clean = torch.tensor([[200.0, 0.0, -200.0], [0.0, 150.0, -150.0]], requires_grad=True)
+    adv = torch.tensor([[100.0, 50.0, -100.0], [10.0, 100.0, -100.0]], requires_grad=True)
+    trades_loss(clean, adv, torch.tensor([0, 1]), 6.0).backward()
+    assert torch.isfinite(clean.grad).all() and torch.isfinite(adv.grad).all()

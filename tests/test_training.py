@@ -92,8 +92,9 @@ def test_each_method_trains_and_writes_its_outputs(tiny_data, tmp_path, method):
     assert lines[0].startswith("epoch,train_loss") and len(lines) == 2
 
 
-def test_resumed_run_ends_with_the_same_weights(tiny_data, tmp_path):
-    params = load_params(None, tiny_overrides(tiny_data) + ["train.epochs=3"])
+@pytest.mark.parametrize("ema", ["null", "0.9"])
+def test_resumed_run_ends_with_the_same_weights(tiny_data, tmp_path, ema):
+    params = load_params(None, tiny_overrides(tiny_data) + ["train.epochs=3", f"train.ema_decay={ema}"])
     train(params, tmp_path / "straight", log=quiet)
 
     def stop_after_epoch_2(message):
@@ -124,6 +125,17 @@ def test_resume_with_other_params_is_refused(tiny_data, tmp_path):
     params["train"]["lr"] = 0.01
     with pytest.raises(MrpfError, match="different parameters"):
         train(params, tmp_path / "run", log=quiet)
+
+
+def test_ema_checkpoint_holds_the_average_not_the_last_weights(tiny_data, tmp_path):
+    plain = load_params(None, tiny_overrides(tiny_data) + ["train.epochs=1"])
+    averaged = load_params(None, tiny_overrides(tiny_data) + ["train.epochs=1", "train.ema_decay=0.5"])
+    train(plain, tmp_path / "plain", log=quiet)
+    train(averaged, tmp_path / "ema", log=quiet)
+    a = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "ema" / "checkpoint.pt")["state_dict"]
+    assert a.keys() == b.keys()                       # a plain model's state dict, loadable as usual
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
 
 
 def test_divergence_stops_with_epoch_and_batch_and_no_checkpoint(tiny_data, tmp_path):

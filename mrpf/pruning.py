@@ -1,0 +1,221 @@
+"""Iterative robust pruning (``mrpf prune``): MRPF and its baselines through one loop.
+
+For T steps (``prune.steps``), step t reaches the cumulative budget S*t/T of the dense
+model: the method scores the current model, channels are removed physically, and the
+model is fine-tuned ``prune.finetune_epochs`` epochs with ``prune.finetune_method``; a
+final fine-tune of ``prune.final_epochs`` follows. Every method gets the same schedule
+and fine-tuning budget, so the comparison isolates the pruning criterion.
+
+Methods:
+- ``mrpf``: per-group ratios from MRS (robust signal) by the budget solve (allocation.py);
+- ``mrpf_clean``: the same with the clean signal (delta = 0);
+- ``uniform_l1``: the same ratio in every group (alpha = 0, no cost weights);
+- ``global_magnitude``: one global threshold on channel magnitude (mean |w|);
+- ``taylor_adv``: one global threshold on first-order Taylor importance |sum w dL_adv/dw|
+  (Molchanov et al., 2019) on the calibration set, L_adv = CE on PGD examples;
+- ``random``: one global threshold on random scores.
+Within a group, ``mrpf``/``mrpf_clean``/``uniform_l1`` remove the smallest-magnitude channels.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import allocation, devices, groups as groups_mod
+from . import data as data_mod
+from .attacks import pgd
+from .config import as_float
+from .errors import MrpfError
+from .evaluation import load_model
+from .io import save_checkpoint, write_json
+from .sensitivity import MrsSettings, compute_mrs
+from .training import adversary_from, train
+
+ALLOCATION_METHODS = ("mrpf", "mrpf_clean", "uniform_l1")
+GLOBAL_METHODS = ("global_magnitude", "taylor_adv", "random")
+METHODS = ALLOCATION_METHODS + GLOBAL_METHODS
+
+
+def mrs_settings(params: dict, signal: str | None = None) -> MrsSettings:
+    m = params["mrs"]
+    return MrsSettings(probe_ratio=as_float(m["probe_ratio"], "mrs.probe_ratio"), attack=m["attack"],
+                       signal=signal or m["signal"], seed=params["seed"])
+
+
+def mrs_adversary(params: dict):
+    adv = adversary_from(params)
+    steps = params["mrs"]["steps"]
+    return type(adv)(eps=adv.eps, step_size=2.5 * adv.eps / max(steps, 1), steps=steps, norm=adv.norm)
+
+
+def _mean_magnitude(model, group) -> torch.Tensor:
+    params = groups_mod._out_channel_params(model, group)
+    total = sum(p.detach().abs().flatten(1).sum(1) if p.dim() > 1 else p.detach().abs() for p in params)
+    size = sum(p[0].numel() for p in params)
+    return total / size
+
+
+def _taylor(model, found, calibration, params, runtime) -> list[torch.Tensor]:
+    adversary = mrs_adversary(params)
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    for i, (x, y) in enumerate(data_mod.Batches(calibration, params["mrs"]["batch_size"], runtime.device,
+                                                channels_last=runtime.channels_last)):
+        torch.manual_seed(params["seed"] + i)
+        x_adv = pgd(model, x, y, eps=adversary.eps, step_size=adversary.step_size, steps=adversary.steps,
+                    norm=adversary.norm)
+        F.cross_entropy(model(x_adv), y, reduction="sum").backward()
+    scores = []
+    for group in found:
+        total = 0
+        for p in groups_mod._out_channel_params(model, group):
+            total = total + (p.detach() * p.grad).flatten(1).sum(1) if p.dim() > 1 else total + p.detach() * p.grad
+        scores.append(total.abs())
+    for p in model.parameters():
+        p.grad = None
+    return scores
+
+
+def _global_plan(model, found, scores, budget, metric, r_max, input_size, num_classes, dense) -> tuple[list, float]:
+    """The k globally lowest-scored channels (at most r_max of any group) reaching the budget."""
+    ranked = sorted((float(s), g.id, c) for g, sc in zip(found, scores) for c, s in enumerate(sc.tolist()))
+
+    def plan(k):
+        remove = {g.id: [] for g in found}
+        caps = {g.id: min(g.channels - 1, int(r_max * g.channels)) for g in found}
+        for _, gid, c in ranked[:k]:
+            if len(remove[gid]) < caps[gid]:
+                remove[gid].append(c)
+        return remove
+
+    def achieved(k):
+        pruned = copy.deepcopy(model)
+        graph, pg = groups_mod.find_groups(pruned, input_size, num_classes)
+        groups_mod.prune(graph, pg, plan(k))
+        return 1 - allocation.count(pruned, input_size)[metric] / dense[metric]
+
+    lo, hi = 0, len(ranked)
+    if achieved(hi) < budget:
+        raise MrpfError(f"a {budget:.0%} {metric} reduction is out of reach with r_max={r_max}")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if achieved(mid) >= budget:
+            hi = mid
+        else:
+            lo = mid
+    return plan(hi), achieved(hi)
+
+
+def prune_step(model, arch, params, calibration, runtime, budget, dense, log) -> tuple[dict, list]:
+    """Prune ``model`` in place to ``budget`` (relative to ``dense`` counts); return the step record
+    and the pruning history of this step."""
+    pp = params["prune"]
+    method = pp["method"]
+    arch_size, classes = arch["input_size"], arch["num_classes"]
+    graph, found = groups_mod.find_groups(model, arch_size, classes)
+    record: dict = {"budget": budget, "groups": [g.describe() for g in found]}
+    if method in ALLOCATION_METHODS:
+        if method == "uniform_l1":
+            mrs, alpha, cost_aware = [1.0] * len(found), 0.0, False
+        else:
+            signal = "clean" if method == "mrpf_clean" else None
+            result = compute_mrs(model, found, calibration, mrs_adversary(params), runtime,
+                                 mrs_settings(params, signal), params["mrs"]["batch_size"], log)
+            record["mrs"] = result
+            mrs = [row["mrs"] for row in result["groups"]]
+            alpha, cost_aware = as_float(pp["alpha"], "prune.alpha"), bool(pp["cost_aware"])
+        solved = allocation.solve(model, found, mrs, input_size=arch_size, num_classes=classes, budget=budget,
+                                  metric=pp["metric"], alpha=alpha, r_max=as_float(pp["r_max"], "prune.r_max"),
+                                  cost_aware=cost_aware, dense=dense)
+        record["ratios"] = solved["ratios"]
+        history = allocation.apply_ratios(model, arch_size, classes, solved["ratios"])
+    else:
+        if method == "global_magnitude":
+            scores = [_mean_magnitude(model, g) for g in found]
+        elif method == "taylor_adv":
+            scores = _taylor(model, found, calibration, params, runtime)
+        else:
+            gen = torch.Generator().manual_seed(params["seed"])
+            scores = [torch.rand(g.channels, generator=gen) for g in found]
+        remove, _ = _global_plan(model, found, scores, budget, pp["metric"], as_float(pp["r_max"], "prune.r_max"),
+                                 arch_size, classes, dense)
+        record["ratios"] = [len(remove[g.id]) / g.channels for g in found]
+        history = groups_mod.prune(graph, found, remove)
+    counts = allocation.count(model, arch_size)
+    record.update(counts=counts, achieved=1 - counts[pp["metric"]] / dense[pp["metric"]])
+    return record, history
+
+
+def finetune_params(params: dict, epochs: int) -> dict:
+    ft = copy.deepcopy(params)
+    pp = params["prune"]
+    ft["train"].update(epochs=epochs, lr=pp["finetune_lr"], method=pp["finetune_method"], schedule="cosine")
+    return ft
+
+
+def run_prune(params: dict, checkpoint: str | Path, run_dir: str | Path, log=print) -> dict:
+    """The whole iterative prune + fine-tune; writes ``checkpoint.pt`` and ``prune.json`` to ``run_dir``."""
+    run_dir = Path(run_dir)
+    pp = params["prune"]
+    if pp["method"] not in METHODS:
+        raise MrpfError(f"prune.method: unknown method {pp['method']!r} (choose from {', '.join(METHODS)})")
+    sparsity = as_float(pp["sparsity"], "prune.sparsity")
+    if not 0 < sparsity < 1:
+        raise MrpfError(f"prune.sparsity: must lie in (0, 1), got {pp['sparsity']!r}")
+    runtime = devices.setup(params["device"])
+    model, state = load_model(checkpoint, runtime)
+    arch = copy.deepcopy(state["arch"])
+    arch.setdefault("pruning_history", [])
+    splits = data_mod.load_splits(params, with_test=False)
+    dense = allocation.count(model, arch["input_size"])
+    steps = []
+    for t in range(1, pp["steps"] + 1):
+        budget = sparsity * t / pp["steps"]
+        log(f"step {t}/{pp['steps']}: {pp['method']} to {budget:.1%} {pp['metric']} reduction")
+        record, history = prune_step(model, arch, params, splits.calibration, runtime, budget, dense, log)
+        arch["pruning_history"] = arch["pruning_history"] + history
+        epochs = pp["finetune_epochs"] + (pp["final_epochs"] if t == pp["steps"] else 0)
+        record["finetune"] = train(finetune_params(params, epochs), run_dir / f"step{t}", log, model=model, arch=arch)
+        steps.append(record)
+        log(f"step {t}: achieved {record['achieved']:.1%}, val PGD {record['finetune'].get('val_pgd_acc')}")
+    summary = {"method": pp["method"], "sparsity": sparsity, "metric": pp["metric"], "dense": dense,
+               "counts": steps[-1]["counts"], "achieved": steps[-1]["achieved"], "steps": steps}
+    save_checkpoint(run_dir / "checkpoint.pt", arch, model.state_dict(), params=params)
+    write_json(run_dir / "prune.json", summary)
+    return summary
+
+
+def run_mrs(params: dict, checkpoint: str | Path, run_dir: str | Path, log=print) -> dict:
+    """``mrpf mrs``: MRS of every group of a checkpoint, the ratios MRPF would allocate at
+    ``prune.sparsity``; writes ``mrs.json`` and ``mrs.png`` to ``run_dir``."""
+    import time
+
+    from .reporting import plot_mrs
+
+    run_dir = Path(run_dir)
+    runtime = devices.setup(params["device"])
+    model, state = load_model(checkpoint, runtime)
+    arch = state["arch"]
+    splits = data_mod.load_splits(params, with_test=False)
+    _, found = groups_mod.find_groups(model, arch["input_size"], arch["num_classes"])
+    started = time.perf_counter()
+    result = compute_mrs(model, found, splits.calibration, mrs_adversary(params), runtime, mrs_settings(params),
+                         params["mrs"]["batch_size"], log)
+    result["seconds"] = time.perf_counter() - started
+    pp = params["prune"]
+    solved = allocation.solve(model, found, [r["mrs"] for r in result["groups"]], input_size=arch["input_size"],
+                              num_classes=arch["num_classes"], budget=as_float(pp["sparsity"], "prune.sparsity"),
+                              metric=pp["metric"], alpha=as_float(pp["alpha"], "prune.alpha"),
+                              r_max=as_float(pp["r_max"], "prune.r_max"), cost_aware=bool(pp["cost_aware"]))
+    for row, ratio in zip(result["groups"], solved["ratios"]):
+        row["ratio"] = ratio
+    result["allocation"] = {"sparsity": pp["sparsity"], "metric": pp["metric"], "achieved": solved["achieved"]}
+    plot_mrs(result, solved["ratios"], run_dir / "mrs.png",
+             f"MRS and ratios at {float(pp['sparsity']):.0%} {pp['metric']} reduction ({arch['name']})")
+    write_json(run_dir / "mrs.json", result)
+    return result
