@@ -24,6 +24,13 @@ from .errors import MrpfError
 CHECKPOINT_FORMAT = "mrpf-checkpoint/1"
 
 
+def _default_mode() -> int:
+    """0666 less the umask: what a plain ``open(path, "w")`` would give (mkstemp makes 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -36,6 +43,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:  # the bytes reach the disk before the name does
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -33,6 +34,15 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert state["arch"] == arch
+
+
+def test_outputs_get_ordinary_file_permissions(tmp_path):
+    from mrpf.io import write_json
+
+    write_json(tmp_path / "m.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
