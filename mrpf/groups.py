@@ -70,8 +70,6 @@ def dependency_graph(model: nn.Module, input_size: int):
 
 def find_groups(model: nn.Module, input_size: int, num_classes: int) -> tuple[object, list[Group]]:
     """The dependency graph and every prunable group of ``model`` (classifier outputs excluded)."""
-    import torch_pruning as tp
-
     graph = dependency_graph(model, input_size)
     names = {m: n for n, m in model.named_modules()}
     groups = []
@@ -87,11 +85,10 @@ def find_groups(model: nn.Module, input_size: int, num_classes: int) -> tuple[ob
         if len(root_idxs) < 2:
             continue  # a single channel cannot be pruned without removing the layer
         groups.append(Group(len(groups), names[root_dep.target.module], members, len(root_idxs), tp_group))
-    del tp
     return graph, groups
 
 
-def _out_channel_params(model: nn.Module, group: Group) -> list[torch.Tensor]:
+def out_channel_params(model: nn.Module, group: Group) -> list[torch.Tensor]:
     """Parameters indexed by the group's channels along dim 0 (weights and biases of its members)."""
     modules = dict(model.named_modules())
     params = []
@@ -114,7 +111,7 @@ def channel_magnitude(model: nn.Module, group: Group) -> torch.Tensor:
 def masked(model: nn.Module, group: Group, channels: torch.Tensor) -> Iterator[None]:
     """Zero ``channels`` of ``group`` in every member (conv/linear weights and biases, BN affine),
     so their outputs vanish; restore the exact values on exit (the MRS probe)."""
-    params = _out_channel_params(model, group)
+    params = out_channel_params(model, group)
     saved = [p.detach()[channels].clone() for p in params]
     with torch.no_grad():
         for p in params:

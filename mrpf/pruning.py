@@ -53,7 +53,7 @@ def mrs_adversary(params: dict):
 
 
 def _mean_magnitude(model, group) -> torch.Tensor:
-    params = groups_mod._out_channel_params(model, group)
+    params = groups_mod.out_channel_params(model, group)
     total = sum(p.detach().abs().flatten(1).sum(1) if p.dim() > 1 else p.detach().abs() for p in params)
     size = sum(p[0].numel() for p in params)
     return total / size
@@ -73,7 +73,7 @@ def _taylor(model, found, calibration, params, runtime) -> list[torch.Tensor]:
     scores = []
     for group in found:
         total = 0
-        for p in groups_mod._out_channel_params(model, group):
+        for p in groups_mod.out_channel_params(model, group):
             total = total + (p.detach() * p.grad).flatten(1).sum(1) if p.dim() > 1 else total + p.detach() * p.grad
         scores.append(total.abs())
     for p in model.parameters():

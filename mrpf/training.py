@@ -114,9 +114,8 @@ class _Progress:
             self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
     def update(self, loss: float, acc: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", rob_acc=f"{acc:.3f}", refresh=False)
-            self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
+        self.bar.update(1)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -218,7 +217,8 @@ def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Modul
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
-            progress.update(loss.item() if progress.bar is not None else 0.0, 0.0)
+            if progress.bar is not None:  # .item() syncs a GPU: only when a bar is drawn
+                progress.update(loss.item(), int(correct) / seen)
         progress.close()
         seconds = time.perf_counter() - started
         row = {"epoch": epoch, "train_loss": float(loss_sum) / seen,
