@@ -19,11 +19,13 @@ OVERRIDES_HELP = ("dotted parameter overrides, e.g. train.epochs=3 data.train_pa
                   "(values are read as YAML; see params.yaml / mrpf/config.py for every key)")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, run: bool = True) -> None:
     p.add_argument("--params", metavar="FILE",
                    help="params YAML (default: ./params.yaml if present, else built-in defaults)")
-    p.add_argument("--run", required=True, metavar="NAME", help="run name; outputs go to RUNS_DIR/NAME/")
-    p.add_argument("--runs-dir", default="runs", metavar="DIR", help="directory holding run folders (default: runs)")
+    if run:
+        p.add_argument("--run", required=True, metavar="NAME", help="run name; outputs go to RUNS_DIR/NAME/")
+        p.add_argument("--runs-dir", default="runs", metavar="DIR",
+                       help="directory holding run folders (default: runs)")
     p.add_argument("--device", metavar="DEV", help="shortcut for device.name=DEV (auto, cpu, cuda, cuda:N)")
     p.add_argument("--threads", type=int, metavar="N", help="shortcut for device.threads=N (CPU threads)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
@@ -34,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mrpf", description="Robustness-aware structured pruning (MRPF): train, evaluate, mrs, prune.")
     parser.add_argument("--version", action="version", version=f"mrpf {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = verbs.add_parser("data", help="prepare a dataset's train/test splits as .npz (the pipeline's data stage)",
+                         description="Write OUT/train.npz and OUT/test.npz from data.train_path/test_path, a copy "
+                                     "under data.offline_dir, or the download (in that order).")
+    _common(p, run=False)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for train.npz and test.npz")
 
     p = verbs.add_parser("train", help="train a model (clean, PGD-AT, TRADES or MART); resumes if interrupted",
                          description="Train a model as params say. Writes RUNS_DIR/NAME/checkpoint.pt, "
@@ -64,7 +72,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", metavar="NAME", help="shortcut for prune.method=NAME (mrpf, mrpf_clean, uniform_l1, "
                                                     "global_magnitude, taylor_adv, random)")
     p.add_argument("--sparsity", metavar="S", help="shortcut for prune.sparsity=S, in (0, 1)")
+
+    p = verbs.add_parser("report", help="tables and plots of every run of the active grid (reports/summary.md)",
+                         description="Read RESULTS/**/eval.json of the params file's active grid and write "
+                                     "OUT/summary.md, OUT/robustness.csv and OUT/robustness.png.")
+    p.add_argument("--params", default="params.yaml", metavar="FILE", help="params YAML with grids (default: params.yaml)")
+    p.add_argument("--results", default="results", metavar="DIR", help="the pipeline's results folder")
+    p.add_argument("--out", default="reports", metavar="DIR", help="where the report goes (default: reports)")
+    p.add_argument("overrides", nargs="*", metavar="grid=NAME", help="grid=NAME picks another grid")
+
+    p = verbs.add_parser("dvcyaml", help="write dvc.yaml for the active grid (the DVC side of the pipeline)",
+                         description="Expand the params file's active grid into dvc.yaml: the same stages, "
+                                     "commands and outputs as the Snakefile's (mrpf/workflow.py).")
+    p.add_argument("--params", default="params.yaml", metavar="FILE", help="params YAML with grids (default: params.yaml)")
+    p.add_argument("--out", default="dvc.yaml", metavar="PATH", help="file to write (default: dvc.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="grid=NAME", help="grid=NAME picks another grid")
     return parser
+
+
+def _workflow_config(args: argparse.Namespace) -> dict:
+    """params.yaml as the pipeline sees it (structure validated), with ``grid=NAME`` applied."""
+    from . import workflow
+
+    config = workflow.read_config(args.params)
+    for text in args.overrides:
+        key, _, value = text.partition("=")
+        if key != "grid" or not value:
+            raise MrpfError(f"only grid=NAME is accepted here, got {text!r}")
+        config["grid"] = value
+    workflow.validate_config(config, Path(args.params).resolve().parent / workflow.SCHEMA, source=args.params)
+    return config
 
 
 def _params(args: argparse.Namespace) -> dict:
@@ -89,9 +126,44 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, accepting KEY=VALUE overrides anywhere on the line (not only after the options)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    for token in extra:
+        if token.startswith("-") or "=" not in token or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides.append(token)
+    return args
+
+
 def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
+    if args.verb == "report":
+        from .reporting import write_report
+
+        rows = write_report(_workflow_config(args), args.results, args.out, log=_log)
+        _log(f"wrote {Path(args.out) / 'summary.md'} ({len(rows)} rows), robustness.csv and robustness.png")
+        return 0
+    if args.verb == "dvcyaml":
+        import yaml
+
+        from . import workflow
+        from .io import atomic_path
+
+        config = _workflow_config(args)
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(f"# Generated by `mrpf dvcyaml` from {args.params} (grid: {config['grid']}); "
+                           "do not edit: change params.yaml or mrpf/workflow.py and regenerate.\n"
+                           + yaml.safe_dump(workflow.dvc_yaml(config, args.params), sort_keys=False, width=120))
+        _log(f"wrote {args.out} (grid {config['grid']})")
+        return 0
     params = _params(args)
+    if args.verb == "data":
+        from .data import prepare
+
+        prepare(params, args.out, log=_log)
+        return 0
     run_dir = Path(args.runs_dir) / args.run
     if args.verb == "train":
         from .training import train

@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
         "train_path": None,         # offline source: .npz file or ImageFolder directory (overrides the download)
         "test_path": None,          # offline source for the test split
         "download": True,           # try to download a missing dataset
+        "offline_dir": None,        # `mrpf data`: look here first for DATASET-train.npz / DATASET-subset-train.npz
         "val_size": 500,            # fixed-seed validation split held out of training
         "calibration_size": 512,    # fixed-seed calibration subset of the training split (MRS)
         "augment": True,            # the dataset's standard augmentation (crop [+ flip])
@@ -116,6 +117,8 @@ def as_float(value: Any, key: str) -> float:
 def _merge(base: dict, update: dict, prefix: str = "") -> None:
     for key, value in update.items():
         dotted = f"{prefix}{key}"
+        if not prefix and key in WORKFLOW_KEYS:
+            continue
         if key not in base:
             raise MrpfError(f"unknown parameter '{dotted}' (known here: {', '.join(sorted(base))})")
         if isinstance(base[key], dict):
@@ -163,13 +166,34 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+WORKFLOW_KEYS = ("grid", "grids")  # params.yaml keys that belong to the pipeline (mrpf/workflow.py)
+
+
 def load_params(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict:
-    """Defaults, updated by the params file (if any) and then by dotted overrides; validated."""
+    """Defaults, updated by the params file (if any), then by the active grid's ``params``
+    and ``dataset_params[data.dataset]`` (params.yaml ``grids``), then by dotted overrides
+    (``grid=NAME`` picks the grid); validated. The result holds no workflow keys."""
     params = copy.deepcopy(DEFAULTS)
-    if path is not None:
-        _merge(params, read_yaml(path))
+    raw = read_yaml(path) if path is not None else {}
+    grid_name, grids = raw.pop("grid", None), raw.pop("grids", None) or {}
+    _merge(params, raw)
+    parsed = []
     for text in overrides:
-        _merge(params, parse_override(text))
+        override = parse_override(text)
+        if "grid" in override:
+            grid_name = override.pop("grid")
+        parsed.append(override)
+    if grid_name is not None:
+        if grid_name not in grids:
+            raise MrpfError(f"grid: unknown grid {grid_name!r} (params file defines: {', '.join(grids) or 'none'})")
+        grid = grids[grid_name] or {}
+        _merge(params, copy.deepcopy(grid.get("params") or {}), "grids." + grid_name + ".params.")
+        for override in parsed:
+            _merge(params, copy.deepcopy(override))
+        dataset_params = (grid.get("dataset_params") or {}).get(params["data"]["dataset"]) or {}
+        _merge(params, copy.deepcopy(dataset_params), f"grids.{grid_name}.dataset_params.")
+    for override in parsed:
+        _merge(params, override)
     validate(params)
     return params
 

@@ -16,6 +16,7 @@ Sources, by ``data.*`` params:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import zipfile
 from pathlib import Path
@@ -217,6 +218,49 @@ def read_source(params: dict, split: str) -> ImageSet:
     if data["dataset"] == "tinyimagenet":
         return _tiny_imagenet(root, split, data["download"])
     return _read_torchvision(data["dataset"], root, split, data["download"])
+
+
+OFFLINE_NAMES = ("{dataset}-{split}.npz", "{dataset}-subset-{split}.npz", "{dataset}/{split}")
+
+
+def offline_source(params: dict, split: str) -> Path | None:
+    """The first of ``OFFLINE_NAMES`` present under ``data.offline_dir`` (None if unset or absent)."""
+    folder = params["data"]["offline_dir"]
+    if folder is None:
+        return None
+    for pattern in OFFLINE_NAMES:
+        path = Path(folder) / pattern.format(dataset=params["data"]["dataset"], split=split)
+        if path.exists():
+            return path
+    return None
+
+
+def prepare(params: dict, out_dir: str | Path, log=print) -> dict:
+    """``mrpf data``: write the dataset's train and test splits to ``out_dir/{train,test}.npz``,
+    the one format every later stage reads (and DVC versions). The source is, in order:
+    ``data.train_path``/``test_path``; a copy under ``data.offline_dir``; the download."""
+    from .io import atomic_path
+
+    out_dir = Path(out_dir)
+    summary = {"dataset": params["data"]["dataset"]}
+    for split in ("train", "test"):
+        source = params["data"][f"{split}_path"] or offline_source(params, split)
+        local = copy.deepcopy(params)
+        local["data"][f"{split}_path"] = None if source is None else str(source)
+        if source is None and params["data"]["offline_dir"] is not None:
+            log(f"{split}: no offline copy under {params['data']['offline_dir']}; using data.root / download")
+        images = read_source(local, split)
+        spec = spec_for(params)
+        if images.x.shape[-1] != spec.input_size or int(images.y.max()) >= spec.num_classes:
+            raise MrpfError(f"{split} split from {source}: images {tuple(images.x.shape[1:])} / labels up to "
+                            f"{int(images.y.max())} do not fit dataset {summary['dataset']!r}")
+        with atomic_path(out_dir / f"{split}.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, x=images.x.permute(0, 2, 3, 1).numpy(), y=images.y.numpy(),
+                         classes=np.array(images.classes))
+        summary[split] = {"images": len(images), "source": str(source) if source else "download"}
+        log(f"{split}: {len(images)} images from {summary[split]['source']} -> {out_dir / (split + '.npz')}")
+    return summary
 
 
 def load_splits(params: dict, with_test: bool = True) -> Splits:

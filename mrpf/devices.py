@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 
 import torch
 
+from . import gpu_slots
 from .errors import MrpfError
 
 
@@ -48,9 +50,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def setup(device_params: dict) -> Runtime:
-    """Apply ``device.*`` params (threads, cuDNN autotuning) and return the runtime choice."""
-    device = resolve_device(str(device_params["name"]))
+def setup(device_params: dict, log=None) -> Runtime:
+    """Apply ``device.*`` params (threads, cuDNN autotuning) and return the runtime choice.
+
+    With ``auto``/``cuda`` and GPUs present, the job first claims its own GPU from the
+    slot pool (mrpf/gpu_slots.py); ``MRPF_GPU_SLOTS=0`` turns that off."""
+    name = str(device_params["name"])
+    if name in ("auto", "cuda") and os.environ.get("MRPF_GPU_SLOTS", "1") != "0":
+        if os.environ.get("MRPF_FAKE_GPUS") or torch.cuda.is_available():
+            gpu_slots.claim(log=log)
+    device = resolve_device(name)
     threads = device_params["threads"]
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:

@@ -75,7 +75,7 @@ def correct_under(model: torch.nn.Module, images: data_mod.ImageSet, attack, run
 
 def evaluate(params: dict, checkpoint: str | Path, out_path: str | Path, log=print) -> dict:
     """Evaluate ``checkpoint`` on the test split; write metrics JSON to ``out_path`` and outcomes beside it."""
-    runtime = devices.setup(params["device"])
+    runtime = devices.setup(params["device"], log)
     ev = params["evaluate"]
     model, state = load_model(checkpoint, runtime)
     spec = data_mod.spec_for(params)

@@ -20,6 +20,7 @@ Within a group, ``mrpf``/``mrpf_clean``/``uniform_l1`` remove the smallest-magni
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import torch
@@ -119,6 +120,7 @@ def prune_step(model, arch, params, calibration, runtime, budget, dense, log) ->
     arch_size, classes = arch["input_size"], arch["num_classes"]
     graph, found = groups_mod.find_groups(model, arch_size, classes)
     record: dict = {"budget": budget, "groups": [g.describe() for g in found]}
+    started = time.perf_counter()
     if method in ALLOCATION_METHODS:
         if method == "uniform_l1":
             mrs, alpha, cost_aware = [1.0] * len(found), 0.0, False
@@ -146,6 +148,7 @@ def prune_step(model, arch, params, calibration, runtime, budget, dense, log) ->
                                  arch_size, classes, dense)
         record["ratios"] = [len(remove[g.id]) / g.channels for g in found]
         history = groups_mod.prune(graph, found, remove)
+    record["scoring_seconds"] = time.perf_counter() - started  # MRS / scores + budget solve
     counts = allocation.count(model, arch_size)
     record.update(counts=counts, achieved=1 - counts[pp["metric"]] / dense[pp["metric"]])
     return record, history
@@ -167,7 +170,7 @@ def run_prune(params: dict, checkpoint: str | Path, run_dir: str | Path, log=pri
     sparsity = as_float(pp["sparsity"], "prune.sparsity")
     if not 0 < sparsity < 1:
         raise MrpfError(f"prune.sparsity: must lie in (0, 1), got {pp['sparsity']!r}")
-    runtime = devices.setup(params["device"])
+    runtime = devices.setup(params["device"], log)
     model, state = load_model(checkpoint, runtime)
     arch = copy.deepcopy(state["arch"])
     arch.setdefault("pruning_history", [])
@@ -193,12 +196,10 @@ def run_prune(params: dict, checkpoint: str | Path, run_dir: str | Path, log=pri
 def run_mrs(params: dict, checkpoint: str | Path, run_dir: str | Path, log=print) -> dict:
     """``mrpf mrs``: MRS of every group of a checkpoint, the ratios MRPF would allocate at
     ``prune.sparsity``; writes ``mrs.json`` and ``mrs.png`` to ``run_dir``."""
-    import time
-
     from .reporting import plot_mrs
 
     run_dir = Path(run_dir)
-    runtime = devices.setup(params["device"])
+    runtime = devices.setup(params["device"], log)
     model, state = load_model(checkpoint, runtime)
     arch = state["arch"]
     splits = data_mod.load_splits(params, with_test=False)

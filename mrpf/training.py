@@ -151,7 +151,7 @@ def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Modul
     a freshly initialised one.
     """
     run_dir = Path(run_dir)
-    runtime = devices.setup(params["device"])
+    runtime = devices.setup(params["device"], log)
     tp = params["train"]
     objective = OBJECTIVES[tp["method"]]
     adversary = adversary_from(params)

@@ -1,0 +1,45 @@
+# mrpf pipeline for Snakemake: `snakemake --cores all [--resources gpu=4] [--config grid=paper]`.
+# The plan (stages, paths, commands) lives in mrpf/workflow.py and is shared with dvc.yaml;
+# the rules here only call `mrpf` verbs. See README.md, "The pipeline".
+from pathlib import Path
+
+from mrpf import workflow as plan
+
+configfile: "params.yaml"
+
+PARAMS_FILE = "params.yaml"
+plan.validate_config(config, Path(workflow.basedir) / plan.SCHEMA, source=PARAMS_FILE)
+GRID, GRID_SPEC = plan.active_grid(config)
+GPUS = GRID_SPEC.get("gpus_per_job", 1)
+RUNTIME = GRID_SPEC.get("runtime_min", {})
+MEM_MB = GRID_SPEC.get("mem_mb", 4000)
+MAX_THREADS = max(1, min(8, workflow.cores))           # the training job
+JOB_THREADS = max(1, min(8, workflow.cores // 2))     # evaluation / MRS / pruning jobs, two at a time
+
+
+def cmd(stage):
+    """The stage's `mrpf` command for a job's wildcards (mrpf.workflow.COMMANDS)."""
+    return lambda wildcards: plan.command(stage, params_file=PARAMS_FILE, grid=GRID, **dict(wildcards.items()))
+
+
+wildcard_constraints:
+    dataset="[a-z0-9]+",
+    arch="[A-Za-z0-9_.:]+",
+    tm="[a-z_]+",
+    pm="|".join(plan.PRUNE_PARAMS),
+    sparsity=r"0\.[0-9]+",
+    model=r"dense|[a-z_0-9]+-0\.[0-9]+",
+
+
+rule all:
+    default_target: True
+    input:
+        plan.targets(config),
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/mrs.smk"
+include: "workflow/rules/prune.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"

@@ -1,0 +1,16 @@
+rule data:
+    output:
+        "data/{dataset}/train.npz",
+        "data/{dataset}/test.npz",
+    params:
+        cmd=cmd("data"),
+    log:
+        "logs/data/{dataset}.log",
+    benchmark:
+        "benchmarks/data/{dataset}.tsv"
+    threads: 1
+    resources:
+        runtime=RUNTIME.get("data", 60),
+        mem_mb=MEM_MB,
+    shell:
+        "{params.cmd} > {log} 2>&1"

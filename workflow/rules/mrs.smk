@@ -1,0 +1,21 @@
+rule mrs:
+    input:
+        "data/{dataset}/train.npz",
+        "data/{dataset}/test.npz",
+        "results/{dataset}/{arch}/{tm}/dense/checkpoint.pt",
+    output:
+        "results/{dataset}/{arch}/{tm}/mrs/mrs.json",
+        "results/{dataset}/{arch}/{tm}/mrs/mrs.png",
+    params:
+        cmd=cmd("mrs"),
+    log:
+        "logs/mrs/{dataset}/{arch}/{tm}.log",
+    benchmark:
+        "benchmarks/mrs/{dataset}/{arch}/{tm}.tsv"
+    threads: JOB_THREADS
+    resources:
+        gpu=GPUS,
+        runtime=RUNTIME.get("mrs", 120),
+        mem_mb=MEM_MB,
+    shell:
+        "export OMP_NUM_THREADS={threads}; {params.cmd} > {log} 2>&1"

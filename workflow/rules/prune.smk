@@ -1,0 +1,21 @@
+rule prune:
+    input:
+        "data/{dataset}/train.npz",
+        "data/{dataset}/test.npz",
+        "results/{dataset}/{arch}/{tm}/dense/checkpoint.pt",
+    output:
+        "results/{dataset}/{arch}/{tm}/{pm}-{sparsity}/checkpoint.pt",
+        "results/{dataset}/{arch}/{tm}/{pm}-{sparsity}/prune.json",
+    params:
+        cmd=cmd("prune"),
+    log:
+        "logs/prune/{dataset}/{arch}/{tm}/{pm}-{sparsity}.log",
+    benchmark:
+        "benchmarks/prune/{dataset}/{arch}/{tm}/{pm}-{sparsity}.tsv"
+    threads: JOB_THREADS
+    resources:
+        gpu=GPUS,
+        runtime=RUNTIME.get("prune", 720),
+        mem_mb=MEM_MB,
+    shell:
+        "export OMP_NUM_THREADS={threads}; {params.cmd} > {log} 2>&1"

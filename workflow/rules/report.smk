@@ -1,0 +1,19 @@
+rule report:
+    input:
+        [path for job in plan.jobs(config) if job.stage == "report" for path in job.deps],
+    output:
+        "reports/summary.md",
+        "reports/robustness.csv",
+        "reports/robustness.png",
+    params:
+        cmd=cmd("report"),
+    log:
+        "logs/report.log",
+    benchmark:
+        "benchmarks/report.tsv"
+    threads: 1
+    resources:
+        runtime=RUNTIME.get("report", 30),
+        mem_mb=MEM_MB,
+    shell:
+        "{params.cmd} > {log} 2>&1"

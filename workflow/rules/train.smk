@@ -1,0 +1,21 @@
+rule train:
+    input:
+        "data/{dataset}/train.npz",
+        "data/{dataset}/test.npz",
+    output:
+        "results/{dataset}/{arch}/{tm}/dense/checkpoint.pt",
+        "results/{dataset}/{arch}/{tm}/dense/train_metrics.json",
+        "results/{dataset}/{arch}/{tm}/dense/history.csv",
+    params:
+        cmd=cmd("train"),
+    log:
+        "logs/train/{dataset}/{arch}/{tm}.log",
+    benchmark:
+        "benchmarks/train/{dataset}/{arch}/{tm}.tsv"
+    threads: MAX_THREADS
+    resources:
+        gpu=GPUS,
+        runtime=RUNTIME.get("train", 1440),
+        mem_mb=MEM_MB,
+    shell:
+        "export OMP_NUM_THREADS={threads}; {params.cmd} > {log} 2>&1"
