@@ -1,0 +1,79 @@
+"""The pipeline end to end on the tiny grid: Snakemake runs it, DVC takes it over,
+versions it in a local remote, and `dvc metrics diff` shows what a params change touched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .pipeline_project import make_project, run
+
+pytestmark = pytest.mark.slow
+
+RUN = "results/cifar10/vgg11_w8/pgd_at"
+
+
+def digest(folder: Path, paths: list[str]) -> dict:
+    return {p: hashlib.sha256((folder / p).read_bytes()).hexdigest() for p in paths}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """The tiny grid, run by Snakemake, then recorded by `dvc commit` and committed to Git."""
+    folder = make_project(tmp_path_factory.mktemp("pipeline") / "proj")
+    run(["snakemake", "--cores", "2"], folder)
+    run(["dvc", "commit", "-f"], folder)
+    run("git add -A && git commit -qm 'tiny grid'", folder)
+    return folder
+
+
+def test_snakemake_run_then_dvc_commit_leaves_nothing_to_do(pipeline):
+    summary = (pipeline / "reports/summary.md").read_text()
+    assert "| mrpf " in summary and "| uniform_l1 " in summary and "(baseline)" in summary
+    for model in ("dense", "mrpf-0.5", "uniform_l1-0.5"):
+        metrics = json.loads((pipeline / RUN / model / "eval.json").read_text())
+        assert {"clean_acc", "fgsm_acc", "pgd_acc", "cw_acc", "macs", "params"} <= set(metrics)
+    status = run(["dvc", "status"], pipeline).stdout
+    assert "up to date" in status, status
+    dry = run(["dvc", "repro", "--dry"], pipeline).stdout
+    assert "Running stage" not in dry, dry
+    assert run(["git", "status", "--porcelain"], pipeline).stdout.strip() == ""
+
+
+def test_push_wipe_pull_restores_checkpoints_and_metrics_byte_identical(pipeline, tmp_path):
+    folder = tmp_path / "clone"
+    shutil.copytree(pipeline, folder, symlinks=True)
+    run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], folder)
+    run("git commit -qam 'local remote'", folder)
+    cached = [f"{RUN}/{m}/checkpoint.pt" for m in ("dense", "mrpf-0.5", "uniform_l1-0.5")] + [
+        "data/cifar10/train.npz", f"{RUN}/mrpf-0.5/eval_per_image.npz"]
+    metrics = [f"{RUN}/{m}/eval.json" for m in ("dense", "mrpf-0.5", "uniform_l1-0.5")] + [
+        f"{RUN}/dense/train_metrics.json"]
+    before = digest(folder, cached + metrics)
+    run(["dvc", "push"], folder)
+    shutil.rmtree(folder / ".dvc" / "cache")
+    shutil.rmtree(folder / "results")
+    shutil.rmtree(folder / "data")
+    run(["git", "checkout", "--", "."], folder)      # metrics (cache: false) live in Git
+    run(["dvc", "pull"], folder)                     # checkpoints and data come from the remote
+    assert digest(folder, cached + metrics) == before
+    assert "up to date" in run(["dvc", "status"], folder).stdout
+
+
+def test_metrics_diff_shows_exactly_the_runs_a_params_change_touched(pipeline, tmp_path):
+    folder = tmp_path / "exp"
+    shutil.copytree(pipeline, folder, symlinks=True)
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    params["mrs"]["probe_ratio"] = 0.25           # read by MRS and mrpf pruning only
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    reran = run(["dvc", "repro"], folder).stdout
+    assert "Running stage 'prune_mrpf@" in reran
+    assert "Running stage 'prune_uniform_l1@" not in reran and "Running stage 'train@" not in reran
+    run("git add -A && git commit -qm 'probe ratio 0.25'", folder)
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "--json"], folder).stdout)
+    assert set(diff) == {f"{RUN}/mrpf-0.5/eval.json"}, diff

@@ -1,0 +1,115 @@
+"""params.yaml, its schema, the grid expansion and the two engines' plans."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mrpf import workflow
+from mrpf.config import DEFAULTS, load_params
+from mrpf.errors import MrpfError
+
+from .pipeline_project import ROOT, make_project, run
+
+SCHEMA = ROOT / workflow.SCHEMA
+
+
+def params_yaml() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_params_yaml_and_schema_list_every_hyperparameter_and_nothing_else():
+    schema = yaml.safe_load(SCHEMA.read_text())["$defs"]["sections"]["properties"]
+    params = params_yaml()
+    for section, value in DEFAULTS.items():
+        if isinstance(value, dict):
+            assert set(schema[section]["properties"]) == set(value), section
+            assert set(params[section]) == set(value), section
+    assert set(params) - {"grid", "grids"} == set(DEFAULTS)
+
+
+def test_params_yaml_validates_and_the_committed_dvc_yaml_is_the_generated_one(tmp_path):
+    workflow.validate_config(params_yaml(), SCHEMA)
+    shutil.copy(ROOT / "params.yaml", tmp_path)
+    shutil.copytree(ROOT / "workflow", tmp_path / "workflow")
+    run(["mrpf", "dvcyaml"], tmp_path)
+    assert (tmp_path / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text(), \
+        "dvc.yaml is stale: run `mrpf dvcyaml` and commit it"
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda p: p["grids"]["quick"].update(sparsitys=[0.5]), "sparsitys"),
+    (lambda p: p["grids"]["quick"].update(sparsities=[1.5]), "grids.quick.sparsities.0"),
+    (lambda p: p["grids"]["quick"].update(datasets=["imagenet"]), "grids.quick.datasets"),
+    (lambda p: p["grids"]["quick"]["params"]["train"].update(epoch=3), "epoch"),
+    (lambda p: p["train"].update(lr_schedule="cosine"), "lr_schedule"),
+    (lambda p: p.update(grid="nope"), "grid"),
+    (lambda p: p["grids"]["paper"].pop("archs"), "archs"),
+])
+def test_a_bad_params_yaml_is_named(edit, named):
+    params = params_yaml()
+    edit(params)
+    with pytest.raises(MrpfError, match=re.escape(named)):
+        workflow.validate_config(params, SCHEMA)
+
+
+def test_grid_params_apply_between_the_file_and_the_command_line(tmp_path):
+    params = params_yaml()
+    params["grids"]["paper"]["dataset_params"]["svhn"]["train"]["lr"] = 0.02
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    quick = load_params(path)
+    assert quick["train"]["epochs"] == params["grids"]["quick"]["params"]["train"]["epochs"]
+    paper_svhn = load_params(path, ["grid=paper", "data.dataset=svhn"])
+    assert paper_svhn["train"]["epochs"] == 100 and paper_svhn["train"]["lr"] == 0.02
+    assert load_params(path, ["grid=paper", "data.dataset=cifar10"])["train"]["lr"] == 0.1
+    assert load_params(path, ["grid=paper", "data.dataset=svhn", "train.lr=0.5"])["train"]["lr"] == 0.5
+    with pytest.raises(MrpfError, match="unknown grid 'nope'"):
+        load_params(path, ["grid=nope"])
+
+
+def test_every_paper_cell_has_valid_params():
+    config = params_yaml()
+    config["grid"] = "paper"
+    plan = workflow.jobs(config)
+    _, grid = workflow.active_grid(config)
+    n_cells = len(grid["datasets"]) * len(grid["archs"]) * len(grid["train_methods"])
+    n_pruned = n_cells * len(grid["prune_methods"]) * len(grid["sparsities"])
+    assert len(plan) == len(grid["datasets"]) + 2 * n_cells + 2 * n_pruned + n_cells + 1
+    for cell in workflow.cells(config):
+        load_params(ROOT / "params.yaml", ["grid=paper", f"data.dataset={cell['dataset']}",
+                                           f"model.arch={cell['arch']}", f"train.method={cell['tm']}"])
+
+
+def snakemake_plan(folder: Path) -> set:
+    """(command, outputs) of every job `snakemake -n -p -F` plans (logs and benchmarks aside)."""
+    text = run(["snakemake", "-n", "-p", "-F", "--cores", "1"], folder).stdout
+    planned = set()
+    for block in text.split("\nrule ")[1:]:
+        if block.startswith("all:"):
+            continue
+        outputs = re.search(r"^\s+output: (.*)$", block, re.M).group(1).split(", ")
+        shell = re.search(r"^Shell command: (.*)$", block, re.M).group(1)
+        command = re.search(r"(mrpf .*?) > \S+ 2>&1$", shell).group(1)
+        planned.add((command, frozenset(outputs)))
+    return planned
+
+
+def dvc_plan(folder: Path) -> set:
+    from dvc.repo import Repo
+
+    with Repo(str(folder)) as repo:
+        return {(stage.cmd, frozenset(str(out.def_path) for out in stage.outs)) for stage in repo.index.stages}
+
+
+@pytest.mark.slow
+def test_snakemake_and_dvc_plan_the_same_commands_and_outputs(tmp_path):
+    folder = make_project(tmp_path / "proj", git=False)
+    smk, dvc = snakemake_plan(folder), dvc_plan(folder)
+    assert len(smk) == 9
+    assert smk == dvc
