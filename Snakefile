@@ -13,8 +13,7 @@ GRID, GRID_SPEC = plan.active_grid(config)
 GPUS = GRID_SPEC.get("gpus_per_job", 1)
 RUNTIME = GRID_SPEC.get("runtime_min", {})
 MEM_MB = GRID_SPEC.get("mem_mb", 4000)
-MAX_THREADS = max(1, min(8, workflow.cores))           # the training job
-JOB_THREADS = max(1, min(8, workflow.cores // 2))     # evaluation / MRS / pruning jobs, two at a time
+THREADS = GRID_SPEC.get("threads", {})                # CPU threads per job (capped at --cores locally)
 
 
 def cmd(stage):

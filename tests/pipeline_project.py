@@ -20,6 +20,7 @@ TINY_GRID = {
     "datasets": ["cifar10"], "archs": ["vgg11_w8"], "train_methods": ["pgd_at"],
     "prune_methods": ["mrpf", "uniform_l1"], "sparsities": [0.5], "gpus_per_job": 0,
     "runtime_min": {"data": 5, "train": 5, "evaluate": 5, "mrs": 5, "prune": 5, "report": 5}, "mem_mb": 1000,
+    "threads": {"train": 1, "evaluate": 1, "mrs": 1, "prune": 1},
     "params": {
         "data": {"val_size": 100, "calibration_size": 64},
         "train": {"epochs": 1, "batch_size": 64, "steps": 1, "val_pgd_steps": 1},

@@ -12,7 +12,7 @@ rule evaluate:
         "logs/evaluate/{dataset}/{arch}/{tm}/{model}.log",
     benchmark:
         "benchmarks/evaluate/{dataset}/{arch}/{tm}/{model}.tsv"
-    threads: JOB_THREADS
+    threads: THREADS.get("evaluate", 2)
     resources:
         gpu=GPUS,
         runtime=RUNTIME.get("evaluate", 240),

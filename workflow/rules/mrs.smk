@@ -12,7 +12,7 @@ rule mrs:
         "logs/mrs/{dataset}/{arch}/{tm}.log",
     benchmark:
         "benchmarks/mrs/{dataset}/{arch}/{tm}.tsv"
-    threads: JOB_THREADS
+    threads: THREADS.get("mrs", 2)
     resources:
         gpu=GPUS,
         runtime=RUNTIME.get("mrs", 120),

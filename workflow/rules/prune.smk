@@ -12,7 +12,7 @@ rule prune:
         "logs/prune/{dataset}/{arch}/{tm}/{pm}-{sparsity}.log",
     benchmark:
         "benchmarks/prune/{dataset}/{arch}/{tm}/{pm}-{sparsity}.tsv"
-    threads: JOB_THREADS
+    threads: THREADS.get("prune", 2)
     resources:
         gpu=GPUS,
         runtime=RUNTIME.get("prune", 720),

@@ -12,7 +12,7 @@ rule train:
         "logs/train/{dataset}/{arch}/{tm}.log",
     benchmark:
         "benchmarks/train/{dataset}/{arch}/{tm}.tsv"
-    threads: MAX_THREADS
+    threads: THREADS.get("train", 2)
     resources:
         gpu=GPUS,
         runtime=RUNTIME.get("train", 1440),

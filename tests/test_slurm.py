@@ -1,0 +1,61 @@
+"""The SLURM profile against a real single-node SLURM (tests/slurm/start-single-node.sh,
+which .ci/run calls): the tiny grid runs to the end through sbatch, and a failing job
+makes snakemake fail with the job's SLURM state.
+
+Skipped with a reason where no SLURM is up, except under MRPF_REQUIRE_SLURM=1 (CI),
+where a missing SLURM is a failure."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from .pipeline_project import TINY_GRID, make_project, run
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+
+def slurm_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return out.returncode == 0 and any(state in out.stdout for state in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def need_slurm():
+    if not slurm_up():
+        if os.environ.get("MRPF_REQUIRE_SLURM") == "1":
+            pytest.fail("MRPF_REQUIRE_SLURM=1 but no SLURM node answers sinfo (run tests/slurm/start-single-node.sh)")
+        pytest.skip("no SLURM here: run tests/slurm/start-single-node.sh (root, Debian) to test the SLURM profile")
+
+
+SLURM = ["snakemake", "--profile", "workflow/profiles/slurm", "--jobs", "4"]
+
+
+def test_tiny_grid_runs_to_the_end_through_sbatch(tmp_path):
+    grid = copy.deepcopy(TINY_GRID)
+    grid["gpus_per_job"] = 1          # the node has two (fake) GPUs: jobs ask sbatch --gpus=1
+    folder = make_project(tmp_path / "proj", grid=grid, git=False)
+    result = run(SLURM, folder, timeout=1200)
+    assert (folder / "reports/summary.md").is_file()
+    log = result.stdout + result.stderr
+    assert "sbatch" in log or "SLURM" in log
+    slurm_logs = list((folder / "logs/slurm").rglob("*.log"))
+    assert len(slurm_logs) >= 9, slurm_logs        # every job went through SLURM
+
+
+def test_a_failing_job_fails_snakemake_with_its_slurm_state(tmp_path):
+    grid = copy.deepcopy(TINY_GRID)
+    grid["datasets"] = ["svhn"]        # no offline copy, and downloads are off: `mrpf data` fails
+    grid["params"]["data"] = dict(grid["params"]["data"], download=False)
+    folder = make_project(tmp_path / "proj", grid=grid, git=False)
+    result = run(SLURM, folder, check=False, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "SLURM status is: 'FAILED'" in log, log[-3000:]
+    assert "dataset 'svhn' not found" in (folder / "logs/data/svhn.log").read_text()
