@@ -16,7 +16,6 @@ Sources, by ``data.*`` params:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import zipfile
 from pathlib import Path
@@ -203,10 +202,11 @@ def _tiny_imagenet(root: Path, split: str, download: bool) -> ImageSet:
 
 
 def read_source(params: dict, split: str) -> ImageSet:
-    """Read the train or test split from the offline path if set, else from the named dataset."""
+    """Read the train or test split from ``data.{split}_path`` if set, else from a copy under
+    ``data.offline_dir``, else from the named dataset (downloaded if allowed)."""
     data = params["data"]
     spec = spec_for(params)
-    path = data["train_path" if split == "train" else "test_path"]
+    path = data["train_path" if split == "train" else "test_path"] or offline_source(params, split)
     if path is not None:
         path = Path(path)
         if path.is_dir():
@@ -245,11 +245,9 @@ def prepare(params: dict, out_dir: str | Path, log=print) -> dict:
     summary = {"dataset": params["data"]["dataset"]}
     for split in ("train", "test"):
         source = params["data"][f"{split}_path"] or offline_source(params, split)
-        local = copy.deepcopy(params)
-        local["data"][f"{split}_path"] = None if source is None else str(source)
         if source is None and params["data"]["offline_dir"] is not None:
             log(f"{split}: no offline copy under {params['data']['offline_dir']}; using data.root / download")
-        images = read_source(local, split)
+        images = read_source(params, split)
         spec = spec_for(params)
         if images.x.shape[-1] != spec.input_size or int(images.y.max()) >= spec.num_classes:
             raise MrpfError(f"{split} split from {source}: images {tuple(images.x.shape[1:])} / labels up to "

@@ -169,3 +169,28 @@ def test_batches_scale_to_unit_range_and_cover_every_image(tiny_data):
         assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
         seen.append(y)
     assert sorted(torch.cat(seen).tolist()) == sorted(images.y.tolist())
+
+
+def test_mrpf_data_writes_the_splits_from_an_offline_copy(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    offline = tmp_path / "offline"
+    offline.mkdir()
+    write_npz(offline / "cifar10-subset-train.npz", 120, seed=1)
+    write_npz(offline / "cifar10-subset-test.npz", 40, seed=2)
+    done = subprocess.run([sys.executable, "-m", "mrpf", "data", "--out", "data/cifar10",
+                           f"data.offline_dir={offline}"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for split, n in (("train", 120), ("test", 40)):
+        with np.load(tmp_path / "data" / "cifar10" / f"{split}.npz") as written, \
+                np.load(offline / f"cifar10-subset-{split}.npz") as source:
+            assert written["x"].shape == (n, 32, 32, 3)
+            assert np.array_equal(written["x"], source["x"]) and np.array_equal(written["y"], source["y"])
+    shutil.rmtree(tmp_path / "data")
+    done = subprocess.run([sys.executable, "-m", "mrpf", "data", "--out", "data/svhn", "data.dataset=svhn",
+                           f"data.offline_dir={offline}", "data.download=false", f"data.root={tmp_path / 'dl'}"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2 and "dataset 'svhn' not found" in done.stderr
+    assert not (tmp_path / "data" / "svhn" / "train.npz").exists()
