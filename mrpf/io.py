@@ -31,6 +31,34 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the kill-safety tests (tests/test_kill.py): with
+    ``MRPF_CRASH_AT=NAME:N`` the process SIGKILLs itself the N-th time it reaches ``NAME``
+    (a file about to be renamed into place, or ``batch``). Does nothing otherwise."""
+    spec = os.environ.get("MRPF_CRASH_AT")
+    if not spec:
+        return
+    target, _, nth = spec.rpartition(":")
+    if target != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] == int(nth):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Delete temporary files a killed writer left in ``folder`` (``.NAME.*.tmp``)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -43,6 +71,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:  # the bytes reach the disk before the name does
             os.fsync(f.fileno())
+        crash_point(path.name)
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     finally:

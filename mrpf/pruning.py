@@ -32,7 +32,7 @@ from .attacks import pgd
 from .config import as_float
 from .errors import MrpfError
 from .evaluation import load_model
-from .io import save_checkpoint, write_json
+from .io import read_json, remove_stale_temporaries, save_checkpoint, write_json
 from .sensitivity import MrsSettings, compute_mrs
 from .training import adversary_from, train
 
@@ -161,6 +161,31 @@ def finetune_params(params: dict, epochs: int) -> dict:
     return ft
 
 
+STEP_FILE = "step.json"
+
+
+def _resume_key(params: dict) -> str:
+    """What a completed step must match to be reused (everything but the device)."""
+    import json
+
+    return json.dumps({k: v for k, v in params.items() if k != "device"}, sort_keys=True, default=str)
+
+
+def completed_steps(run_dir: Path, params: dict) -> list[dict]:
+    """Records of the steps 1..k an earlier, interrupted run of the same params completed."""
+    steps = []
+    for t in range(1, params["prune"]["steps"] + 1):
+        marker = run_dir / f"step{t}" / STEP_FILE
+        if not (marker.is_file() and (marker.parent / "checkpoint.pt").is_file()):
+            break
+        saved = read_json(marker)
+        if saved.get("resume_key") != _resume_key(params):
+            raise MrpfError(f"{marker} belongs to a run with different parameters; "
+                            f"delete {run_dir} or choose another run name")
+        steps.append(saved["record"])
+    return steps
+
+
 def run_prune(params: dict, checkpoint: str | Path, run_dir: str | Path, log=print) -> dict:
     """The whole iterative prune + fine-tune; writes ``checkpoint.pt`` and ``prune.json`` to ``run_dir``."""
     run_dir = Path(run_dir)
@@ -176,14 +201,21 @@ def run_prune(params: dict, checkpoint: str | Path, run_dir: str | Path, log=pri
     arch.setdefault("pruning_history", [])
     splits = data_mod.load_splits(params, with_test=False)
     dense = allocation.count(model, arch["input_size"])
-    steps = []
-    for t in range(1, pp["steps"] + 1):
+    remove_stale_temporaries(run_dir)
+    steps = completed_steps(run_dir, params)
+    if steps:   # resume after the last completed step: its fine-tuned, pruned model
+        model, state = load_model(run_dir / f"step{len(steps)}" / "checkpoint.pt", runtime)
+        arch = copy.deepcopy(state["arch"])
+        log(f"resuming {run_dir.name} after step {len(steps)}/{pp['steps']}")
+    for t in range(len(steps) + 1, pp["steps"] + 1):
         budget = sparsity * t / pp["steps"]
         log(f"step {t}/{pp['steps']}: {pp['method']} to {budget:.1%} {pp['metric']} reduction")
         record, history = prune_step(model, arch, params, splits.calibration, runtime, budget, dense, log)
         arch["pruning_history"] = arch["pruning_history"] + history
         epochs = pp["finetune_epochs"] + (pp["final_epochs"] if t == pp["steps"] else 0)
         record["finetune"] = train(finetune_params(params, epochs), run_dir / f"step{t}", log, model=model, arch=arch)
+        # written after the step's checkpoint, so it marks the step complete
+        write_json(run_dir / f"step{t}" / STEP_FILE, {"resume_key": _resume_key(params), "record": record})
         steps.append(record)
         log(f"step {t}: achieved {record['achieved']:.1%}, val PGD {record['finetune'].get('val_pgd_acc')}")
     summary = {"method": pp["method"], "sparsity": sparsity, "metric": pp["metric"], "dense": dense,

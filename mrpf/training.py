@@ -21,7 +21,7 @@ from . import devices
 from .attacks import pgd
 from .config import as_float
 from .errors import MrpfError
-from .io import atomic_path, load_checkpoint, save_checkpoint, write_json
+from .io import atomic_path, crash_point, load_checkpoint, remove_stale_temporaries, save_checkpoint, write_json
 from .models import arch_description, instantiate
 from .objectives import OBJECTIVES, Adversary
 
@@ -173,6 +173,7 @@ def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Modul
     eval_model = model if ema is None else ema.module   # validated and saved
 
     start_epoch, history = 0, []
+    remove_stale_temporaries(run_dir)
     resume_path = run_dir / RESUME_FILE
     if resume_path.is_file():
         state = load_checkpoint(resume_path)
@@ -201,6 +202,7 @@ def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Modul
         seen = 0
         progress = _Progress(len(train_images), f"epoch {epoch + 1}/{tp['epochs']}")
         for batch, (x, y) in enumerate(train_images):
+            crash_point("batch")
             with runtime.autocast():
                 loss, logits = objective(model, x, y, adversary, as_float(tp["beta"], "train.beta"))
             if not torch.isfinite(loss):
@@ -238,6 +240,7 @@ def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Modul
             f"train_acc {int(correct) / seen:.3f}  val_clean {row['val_clean_acc']:.3f}  val_pgd {val_pgd}  "
             f"{row['images_per_s']:.0f} img/s  {seconds:.1f}s")
 
+    write_history(run_dir / HISTORY_FILE, history)    # again: a kill may have come between last.pt and it
     summary = {"epochs": tp["epochs"], "method": tp["method"], "arch": arch["name"],
                "train_seconds": sum(r["epoch_seconds"] for r in history),
                **({k: v for k, v in history[-1].items() if k != "epoch"} if history else {})}
