@@ -94,6 +94,20 @@ def apply_ratios(pruned: nn.Module, input_size: int, num_classes: int, ratios: l
     return groups_mod.prune(graph, found, remove)
 
 
+def check_reachable(model: nn.Module, input_size: int, num_classes: int, budget: float, metric: str,
+                    r_max: float, dense: dict | None = None) -> float:
+    """Fail fast (before any MRS or fine-tuning) when pruning every group to ``r_max``
+    cannot remove ``budget`` of the dense ``metric``; return that largest reduction."""
+    dense = dense or count(model, input_size)
+    graph, found = groups_mod.find_groups(model, input_size, num_classes)
+    pruned, _ = prune_copy(model, input_size, num_classes, [r_max] * len(found))
+    most = 1 - count(pruned, input_size)[metric] / dense[metric]
+    if most < budget:
+        raise MrpfError(f"a {budget:.0%} {metric} reduction is out of reach: pruning every group to "
+                        f"r_max={r_max} removes {most:.1%}")
+    return most
+
+
 def solve(model: nn.Module, groups: list[groups_mod.Group], mrs: list[float], *, input_size: int, num_classes: int,
           budget: float, metric: str = "macs", alpha: float = 1.0, r_max: float = 0.9, cost_aware: bool = True,
           dense: dict | None = None, iterations: int = 30) -> dict:

@@ -31,11 +31,18 @@ def _common(p: argparse.ArgumentParser, run: bool = True) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``mrpf: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"mrpf: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mrpf", description="Robustness-aware structured pruning (MRPF): train, evaluate, mrs, prune.")
     parser.add_argument("--version", action="version", version=f"mrpf {__version__}")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=OneLineParser)
 
     p = verbs.add_parser("data", help="prepare a dataset's train/test splits as .npz (the pipeline's data stage)",
                          description="Write OUT/train.npz and OUT/test.npz from data.train_path/test_path, a copy "

@@ -201,6 +201,8 @@ def run_prune(params: dict, checkpoint: str | Path, run_dir: str | Path, log=pri
     arch.setdefault("pruning_history", [])
     splits = data_mod.load_splits(params, with_test=False)
     dense = allocation.count(model, arch["input_size"])
+    allocation.check_reachable(model, arch["input_size"], arch["num_classes"], sparsity, pp["metric"],
+                               as_float(pp["r_max"], "prune.r_max"), dense)
     remove_stale_temporaries(run_dir)
     steps = completed_steps(run_dir, params)
     if steps:   # resume after the last completed step: its fine-tuned, pruned model

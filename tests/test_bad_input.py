@@ -1,0 +1,105 @@
+"""Bad input: one line naming the problem, exit status 2, nothing written.
+docs/reliability.md lists these cases with the message each prints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import tiny_overrides, write_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup_files(folder: Path, tiny_data: dict, trained_checkpoint: Path) -> None:
+    (folder / "typo.yaml").write_text("train:\n  epoch: 3\n")
+    (folder / "broken.yaml").write_text("train:\n  epochs: [3\n")
+    (folder / "grids.yaml").write_text("grid: quick\ngrids:\n  quick: {datasets: [cifar10]}\n")
+    data = trained_checkpoint.read_bytes()
+    (folder / "truncated.pt").write_bytes(data[: len(data) // 2])
+    from mrpf.io import load_checkpoint, save_checkpoint
+    from mrpf.models import build_model
+
+    state = load_checkpoint(trained_checkpoint)
+    save_checkpoint(folder / "foreign.pt", state["arch"], build_model("resnet18_w8", 10, 32).state_dict())
+    x = np.zeros((20, 32, 32), dtype=np.uint8)
+    np.savez(folder / "shape.npz", x=x, y=np.zeros(20, dtype=np.int64))
+    write_npz(folder / "labels.npz", 40)
+    with np.load(folder / "labels.npz") as f:
+        np.savez(folder / "labels.npz", x=f["x"], y=f["y"] + 5)
+    (folder / "empty_folder").mkdir()
+
+
+TRAIN = ["train", "--run", "x"]
+CASES = [
+    # (name, argv after `mrpf`, message)
+    ("unknown dataset", TRAIN + ["data.dataset=mnist", "data.train_path=null"], "data.dataset: unknown dataset 'mnist'"),
+    ("unknown architecture", TRAIN + ["model.arch=resnet99"], "model.arch: unknown architecture 'resnet99'"),
+    ("unknown training method", TRAIN + ["train.method=fgsm_at"], "train.method: unknown value 'fgsm_at'"),
+    ("unknown pruning method", ["prune", "--run", "x", "--checkpoint", "{ckpt}", "--method", "l2_norm"],
+     "prune.method: unknown value 'l2_norm'"),
+    ("sparsity above 1", ["prune", "--run", "x", "--checkpoint", "{ckpt}", "--sparsity", "1.5"],
+     "prune.sparsity: must lie in (0, 1)"),
+    ("sparsity 0", ["prune", "--run", "x", "--checkpoint", "{ckpt}", "--sparsity", "0"],
+     "prune.sparsity: must lie in (0, 1)"),
+    ("negative epochs", TRAIN + ["train.epochs=-1"], "train.epochs: expected a non-negative integer"),
+    ("negative epsilon", TRAIN + ["attack.eps=-8/255"], "attack.eps: must be >= 0"),
+    ("typo'd key in params.yaml", TRAIN + ["--params", "typo.yaml"], "unknown parameter 'train.epoch'"),
+    ("malformed YAML", TRAIN + ["--params", "broken.yaml"], "broken.yaml: malformed YAML at line"),
+    ("missing params file", TRAIN + ["--params", "nope.yaml"], "params file nope.yaml: no such file"),
+    ("dataset missing offline", TRAIN + ["data.dataset=svhn", "data.train_path=null", "data.download=false",
+                                         "data.root=dl"], "dataset 'svhn' not found under dl"),
+    ("truncated checkpoint", ["evaluate", "--run", "x", "--checkpoint", "truncated.pt"], "unreadable or truncated"),
+    ("checkpoint of another architecture", ["evaluate", "--run", "x", "--checkpoint", "foreign.pt"],
+     "weights do not fit architecture"),
+    ("missing checkpoint", ["prune", "--run", "x", "--checkpoint", "none.pt"], "checkpoint none.pt: no such file"),
+    ("npz with wrong shapes", TRAIN + ["data.train_path=shape.npz"], "'x' must be uint8 of shape (N, H, W, 3)"),
+    ("npz labels out of range", TRAIN + ["data.train_path=labels.npz"], "training labels reach 14, dataset 'cifar10' has 10 classes"),
+    ("empty ImageFolder", TRAIN + ["data.train_path=empty_folder"], "ImageFolder is empty"),
+    ("CUDA where there is none", TRAIN + ["--device", "cuda"], "CUDA is not available"),
+    ("calibration set larger than training set", TRAIN + ["data.calibration_size=100000"],
+     "data.calibration_size=100000 is larger than the training split"),
+    ("validation split takes everything", TRAIN + ["data.val_size=100000"], "data.val_size=100000 leaves no training"),
+    ("unknown attack", ["evaluate", "--run", "x", "--checkpoint", "{ckpt}", "evaluate.attacks=[clean,deepfool]"],
+     "evaluate.attacks: unknown attack(s) ['deepfool']"),
+    ("r_max out of range", ["prune", "--run", "x", "--checkpoint", "{ckpt}", "prune.r_max=0"],
+     "prune.r_max: must lie in (0, 1]"),
+    ("unknown grid", TRAIN + ["--params", "grids.yaml", "grid=paper"], "grid: unknown grid 'paper'"),
+    ("fraction that is not a number", TRAIN + ["attack.eps=eight"], "attack.eps: expected a number or a fraction"),
+    ("unknown verb option", TRAIN + ["--epochs", "3"], "unrecognized arguments: --epochs"),
+    ("override without a section", TRAIN + ["=3"], "override '=3': empty key"),
+    ("unreachable budget", ["prune", "--run", "x", "--checkpoint", "{ckpt}", "--sparsity", "0.95", "prune.r_max=0.2"],
+     "out of reach: pruning every group to r_max=0.2"),
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_data, trained_checkpoint, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bad")
+    setup_files(folder, tiny_data, trained_checkpoint)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, argv, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(workdir, tiny_data, trained_checkpoint, name, argv, message):
+    argv = [a.replace("{ckpt}", str(trained_checkpoint)) for a in argv]
+    overrides = [o for o in tiny_overrides(tiny_data) if not any(o.startswith(a.split("=")[0] + "=") for a in argv)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    before = {p for p in workdir.rglob("*")}
+    done = subprocess.run([sys.executable, "-m", "mrpf", *argv, *overrides, "prune.steps=1"], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mrpf: error: "), done.stderr
+    assert message in lines[0], lines[0]
+    assert {p for p in workdir.rglob("*")} == before, "something was written"
+
+
+def test_the_table_has_at_least_twenty_cases():
+    assert len(CASES) >= 20
