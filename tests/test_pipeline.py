@@ -77,3 +77,54 @@ def test_metrics_diff_shows_exactly_the_runs_a_params_change_touched(pipeline, t
     run("git add -A && git commit -qm 'probe ratio 0.25'", folder)
     diff = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "--json"], folder).stdout)
     assert set(diff) == {f"{RUN}/mrpf-0.5/eval.json"}, diff
+
+
+def test_a_killed_job_reruns_through_the_same_snakemake_target_to_the_same_result(pipeline, tmp_path):
+    """SIGKILL `mrpf train` mid-epoch under Snakemake (fault injection), rerun the target:
+    training resumes from its last complete epoch and ends where the uninterrupted run did."""
+    import os
+
+    from .test_kill import without_timing
+
+    folder = make_project(tmp_path / "proj", git=False)
+    target = f"{RUN}/dense/eval.json"
+    os.environ["MRPF_CRASH_AT"] = "batch:3"
+    try:
+        failed = run(["snakemake", "--cores", "1", target], folder, check=False)
+    finally:
+        del os.environ["MRPF_CRASH_AT"]
+    assert failed.returncode != 0
+    assert not (folder / RUN / "dense/checkpoint.pt").exists()
+    run(["snakemake", "--cores", "1", target], folder)
+    log = (folder / "logs/train/cifar10/vgg11_w8/pgd_at.log").read_text()
+    for name in ("train_metrics.json", "eval.json"):
+        mine = json.loads((folder / RUN / "dense" / name).read_text())
+        ref = json.loads((pipeline / RUN / "dense" / name).read_text())
+        assert without_timing(mine) == without_timing(ref), (name, log[-2000:])
+
+
+def test_two_snakemake_invocations_on_one_directory_do_not_corrupt_outputs(pipeline, tmp_path):
+    """The second invocation is refused by Snakemake's directory lock while the first runs;
+    the first finishes with outputs equal to an undisturbed run's."""
+    import subprocess
+    import time
+
+    from .pipeline_project import env
+    from .test_kill import without_timing
+
+    folder = make_project(tmp_path / "proj", git=False)
+    first = subprocess.Popen(["snakemake", "--cores", "1"], cwd=folder, env=env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    for _ in range(600):
+        if (folder / "logs").exists():
+            break
+        time.sleep(0.1)
+    second = run(["snakemake", "--cores", "1"], folder, check=False)
+    out = first.communicate(timeout=900)[0]
+    assert first.returncode == 0, out[-3000:]
+    assert second.returncode != 0 and "lock" in (second.stdout + second.stderr).lower()
+    for model in ("dense", "mrpf-0.5", "uniform_l1-0.5"):
+        mine = json.loads((folder / RUN / model / "eval.json").read_text())
+        ref = json.loads((pipeline / RUN / model / "eval.json").read_text())
+        assert without_timing({k: v for k, v in mine.items() if k != "checkpoint"}) == \
+            without_timing({k: v for k, v in ref.items() if k != "checkpoint"})
