@@ -1,0 +1,46 @@
+"""Benchmark d of docs/performance.md: the cost of one MRS measurement (every group of the
+model, `mrpf mrs`) as a fraction of the baseline's training time, at the default probe
+attack (PGD-10) and at PGD-5, with the rank agreement of the two MRS vectors (Spearman).
+
+    python bench/mrs_cost.py [--params configs/core-acceptance.yaml] [--checkpoint runs/core-acceptance/checkpoint.pt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, write  # noqa: E402
+
+from mrpf.config import load_params  # noqa: E402
+from mrpf.pruning import run_mrs  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="configs/core-acceptance.yaml")
+    p.add_argument("--checkpoint", default="runs/core-acceptance/checkpoint.pt")
+    args = p.parse_args()
+    checkpoint = ROOT / args.checkpoint
+    train_seconds = json.loads((checkpoint.parent / "train_metrics.json").read_text())["train_seconds"]
+    result = {"checkpoint": args.checkpoint, "baseline_train_seconds": train_seconds}
+    mrs = {}
+    for steps in (10, 5):
+        params = load_params(ROOT / args.params, [f"mrs.steps={steps}"])
+        with tempfile.TemporaryDirectory() as out:
+            measured = run_mrs(params, checkpoint, out, log=lambda m: None)
+        mrs[steps] = [g["mrs"] for g in measured["groups"]]
+        result[f"pgd{steps}"] = {"seconds": measured["seconds"], "fraction": measured["seconds"] / train_seconds,
+                                 "groups": len(mrs[steps]), "mrs": mrs[steps]}
+    result["spearman_pgd5_vs_pgd10"] = float(stats.spearmanr(mrs[10], mrs[5]).statistic)
+    write("mrs-cost", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Benchmark c of docs/performance.md: is a pruned model really faster?
+
+For each pruned checkpoint: speedup = dense latency / pruned latency (median forward time of
+one batch, interleaved rounds) against the MACs ratio = dense MACs / pruned MACs; the
+target is speedup >= 0.7 x MACs ratio on CPU (0.8 on an H100). Latency does not depend on
+the weights, only on the channel counts, so any pruned checkpoint of the dense model works.
+
+    python bench/pruned_speedup.py [--dense runs/core-acceptance/checkpoint.pt]
+        [--pruned runs/compare/{uniform_l1,mrpf}-{0.5,0.7}-s0/checkpoint.pt] [--batch 128] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, write  # noqa: E402
+
+from mrpf.devices import setup  # noqa: E402
+from mrpf.evaluation import count_macs, latency_ms, load_model  # noqa: E402
+
+DEFAULT_PRUNED = [f"runs/compare/{m}-{s}-s0/checkpoint.pt" for s in ("0.5", "0.7") for m in ("uniform_l1", "mrpf")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dense", default="runs/core-acceptance/checkpoint.pt")
+    p.add_argument("--pruned", nargs="+", default=DEFAULT_PRUNED)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    runtime = setup({"name": args.device, "threads": None, "channels_last": True, "bf16": False})
+    paths = [ROOT / args.dense] + [ROOT / q for q in args.pruned]
+    models = {}
+    for path in paths:
+        if not path.is_file():
+            sys.exit(f"bench: {path} not found (run the comparison in docs/results-cifar10-subset.md first, "
+                     f"or pass --dense / --pruned)")
+        model, state = load_model(path, runtime)
+        models[path] = (model, state["arch"]["input_size"])
+    times = {path: [] for path in paths}
+    for _ in range(args.rounds):      # interleaved rounds: drift in machine speed hits every model
+        for path, (model, size) in models.items():
+            times[path].append(latency_ms(model, size, runtime, args.batch, args.repeats))
+    dense_path = paths[0]
+    dense_ms = statistics.median(times[dense_path])
+    dense_macs = count_macs(models[dense_path][0], models[dense_path][1], runtime.device)
+    rows = []
+    for path in paths[1:]:
+        ms = statistics.median(times[path])
+        macs = count_macs(models[path][0], models[path][1], runtime.device)
+        speedup, macs_ratio = dense_ms / ms, dense_macs / macs
+        rows.append({"model": str(path.relative_to(ROOT).parent), "latency_ms": ms, "macs": macs,
+                     "speedup": speedup, "macs_ratio": macs_ratio, "speedup_over_macs_ratio": speedup / macs_ratio})
+    write(f"pruned-speedup-{args.device}", {"batch": args.batch, "dense": {"latency_ms": dense_ms, "macs": dense_macs},
+                                            "pruned": rows})
+
+
+if __name__ == "__main__":
+    main()
