@@ -14,7 +14,8 @@ def _setup(name, size=32):
     return model, found, mrs
 
 
-@pytest.mark.parametrize("name", ["vgg16_w4", "resnet18_w4"])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "vgg16", "mobilevit_xs"])   # full-size models
 @pytest.mark.parametrize("metric", ["macs", "params"])
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.7, 0.9])
 def test_budget_is_met_within_one_point(name, metric, budget):
@@ -26,6 +27,11 @@ def test_budget_is_met_within_one_point(name, metric, budget):
     pruned, _ = allocation.prune_copy(model, 32, 10, out["ratios"])
     dense = allocation.count(model, 32)[metric]
     assert abs(1 - allocation.count(pruned, 32)[metric] / dense - budget) <= 0.01
+
+
+@pytest.mark.parametrize("name", ["vgg16_w4", "resnet18_w4"])
+def test_budget_is_met_on_narrow_models(name):
+    test_budget_is_met_within_one_point(name, "macs", 0.5)
 
 
 def test_higher_mrs_never_gets_a_higher_ratio_without_cost_weights():
