@@ -76,6 +76,7 @@ def uninterrupted_train(tiny_data, tmp_path_factory) -> Path:
     return cwd / "runs" / "r"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash", ["batch:3", "batch:12", "last.pt:1", "history.csv:1", "checkpoint.pt:1",
                                    "train_metrics.json:1"])
 def test_killed_training_resumes_to_the_uninterrupted_result(tiny_data, tmp_path, uninterrupted_train, crash):
