@@ -241,4 +241,6 @@ def dvc_yaml(config: dict, params_file: str = "params.yaml") -> dict:
             if planned.stage == "prune":
                 item["pm"] = planned.cell["pm"]
             entry["do"] = _dvc_stage(job(planned.stage, item), params_file, grid_name, grid)
-    return {"stages": stages}
+    plots = [{"reports/robustness.csv": {"x": "sparsity", "y": "pgd_acc", "template": "scatter",
+                                         "title": "PGD accuracy vs sparsity (all methods)"}}]
+    return {"stages": stages, "plots": plots}
