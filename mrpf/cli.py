@@ -83,18 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("report", help="tables and plots of every run of the active grid (reports/summary.md)",
                          description="Read RESULTS/**/eval.json of the params file's active grid and write "
                                      "OUT/summary.md, OUT/robustness.csv and OUT/robustness.png.")
-    p.add_argument("--params", default="params.yaml", metavar="FILE", help="params YAML with grids (default: params.yaml)")
+    _workflow_args(p, "reports", "where the report goes")
     p.add_argument("--results", default="results", metavar="DIR", help="the pipeline's results folder")
-    p.add_argument("--out", default="reports", metavar="DIR", help="where the report goes (default: reports)")
-    p.add_argument("overrides", nargs="*", metavar="grid=NAME", help="grid=NAME picks another grid")
 
     p = verbs.add_parser("dvcyaml", help="write dvc.yaml for the active grid (the DVC side of the pipeline)",
                          description="Expand the params file's active grid into dvc.yaml: the same stages, "
                                      "commands and outputs as the Snakefile's (mrpf/workflow.py).")
-    p.add_argument("--params", default="params.yaml", metavar="FILE", help="params YAML with grids (default: params.yaml)")
-    p.add_argument("--out", default="dvc.yaml", metavar="PATH", help="file to write (default: dvc.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="grid=NAME", help="grid=NAME picks another grid")
+    _workflow_args(p, "dvc.yaml", "file to write")
     return parser
+
+
+def _workflow_args(p: argparse.ArgumentParser, out: str, out_help: str) -> None:
+    """Arguments of the verbs that read the whole params.yaml (its grids), not one run's params."""
+    p.add_argument("--params", default="params.yaml", metavar="FILE", help="params YAML with grids (default: params.yaml)")
+    p.add_argument("--out", default=out, metavar="PATH", help=f"{out_help} (default: {out})")
+    p.add_argument("overrides", nargs="*", metavar="grid=NAME", help="grid=NAME picks another grid")
 
 
 def _workflow_config(args: argparse.Namespace) -> dict:
