@@ -80,6 +80,10 @@ def main(runs: Path, dense_dir: Path) -> None:
                          f"{100 * cb['mean']:.2f} ± {100 * cb['sd']:.2f}",
                          f"{100 * da['mean']:.2f} ± {100 * da['sd']:.2f}", f"{100 * db['mean']:.2f} ± {100 * db['sd']:.2f}",
                          f"{100 * dd['mean']:+.2f} ± {100 * dd['sd']:.2f} (seed sd)"])
+            pooled = paired_difference(np.concatenate([a["outcomes"]["pgd"] for a, _ in per_seed.values()]),
+                                       np.concatenate([b["outcomes"]["pgd"] for _, b in per_seed.values()]))
+            rows.append([s, f"pooled ({len(per_seed)} x 2,000 pairs)", "", "", "", "",
+                         f"{100 * pooled['diff']:+.2f} [{100 * pooled['low']:+.2f}, {100 * pooled['high']:+.2f}]"])
     print(tabulate(rows, headers=["S", "seed", "mrpf clean %", "uniform clean %", "mrpf PGD-20 %",
                                   "uniform PGD-20 %", "Δ PGD-20 [95 % CI, per image]"], tablefmt="github",
                    disable_numparse=True))
