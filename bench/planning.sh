@@ -11,7 +11,7 @@ git init -q && dvc init -q
 t0=$(date +%s.%N); snakemake -n --config grid=paper --cores 1 > snakemake.txt 2>&1; t1=$(date +%s.%N)
 mrpf dvcyaml grid=paper >/dev/null 2>&1
 t2=$(date +%s.%N); dvc status > dvc.txt 2>&1 || true; t3=$(date +%s.%N)
-jobs=$(grep -E "^total" snakemake.txt | awk '{print $2}')
+jobs=$(grep -E "^total" snakemake.txt | head -1 | awk '{print $2}')
 cd - >/dev/null
 python3 - "$t0" "$t1" "$t2" "$t3" "$jobs" <<'PY'
 import sys

@@ -44,11 +44,11 @@ def subset_npz(n: int, folder: Path) -> Path:
     return path
 
 
-def mrpf_throughput(npz: Path, method: str, arch: str, steps: int, batch: int, device: str) -> float:
+def mrpf_throughput(npz: Path, method: str, arch: str, steps: int, batch: int, device: str, bf16: bool) -> float:
     params = load_params(None, [f"data.train_path={npz}", "data.val_size=64", "data.calibration_size=0",
                                 f"model.arch={arch}", f"train.method={method}", "train.epochs=1",
                                 f"train.steps={steps}", f"train.batch_size={batch}", "train.val_pgd_steps=0",
-                                f"device.name={device}", f"device.bf16={'true' if device == 'cuda' else 'false'}"])
+                                f"device.name={device}", f"device.bf16={'true' if bf16 else 'false'}"])
     with tempfile.TemporaryDirectory() as out:
         summary = train(params, out, log=lambda m: None)
     return summary["images_per_s"]
@@ -151,20 +151,23 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--images", type=int, default=2560)
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median is reported")
+    p.add_argument("--bf16", choices=["on", "off"], default=None,
+                   help="mrpf's bf16 autocast (default: on for CUDA, off for CPU); the reference stays fp32")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         npz = subset_npz(args.images, Path(folder))
+        bf16 = (args.bf16 or ("on" if args.device == "cuda" else "off")) == "on"
         result = {"arch": args.arch, "k": args.steps, "batch": args.batch, "images": args.images,
-                  "device": args.device}
+                  "device": args.device, "mrpf_bf16": bf16}
         for method in ("pgd_at", "trades"):
             ours, ref = [], []
             for _ in range(args.rounds):   # interleaved, so drift in machine speed hits both
                 ref.append(reference_throughput(npz, method, args.arch, args.steps, args.batch, args.device))
-                ours.append(mrpf_throughput(npz, method, args.arch, args.steps, args.batch, args.device))
+                ours.append(mrpf_throughput(npz, method, args.arch, args.steps, args.batch, args.device, bf16))
             result[method] = {"mrpf_images_per_s": float(np.median(ours)), "reference_images_per_s": float(np.median(ref)),
                               "ratio": float(np.median(ours) / np.median(ref)), "rounds": {"mrpf": ours, "reference": ref}}
     result["step"] = step_efficiency(args.arch, args.steps, args.batch, args.device)
-    write(f"throughput-{args.device}", result)
+    write(f"throughput-{args.device}{'-bf16' if bf16 and args.device == 'cpu' else ''}", result)
 
 
 if __name__ == "__main__":

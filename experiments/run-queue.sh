@@ -6,8 +6,9 @@
 set -euo pipefail
 jobs_file=$1; workers=${2:-2}; runs=${3:-runs/compare}
 params=configs/core-acceptance.yaml
-# The fine-tuning budget every method gets: 3 steps, 1 TRADES epoch after each, 2 more after the last.
-finetune="prune.steps=3 prune.finetune_epochs=1 prune.final_epochs=2 prune.finetune_method=trades"
+# The fine-tuning budget every method gets: 3 steps, 1 TRADES epoch after each, 2 more after the last;
+# MRS with the PGD-10 probe these runs used (the default became PGD-5 afterwards).
+finetune="prune.steps=3 prune.finetune_epochs=1 prune.final_epochs=2 prune.finetune_method=trades mrs.steps=10"
 checkpoint=runs/core-acceptance/checkpoint.pt
 [ -f "$checkpoint" ] || { echo "missing $checkpoint: run 'mrpf train --params $params --run core-acceptance' first" >&2; exit 2; }
 mkdir -p "$runs/.claims"

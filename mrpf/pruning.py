@@ -224,6 +224,8 @@ def run_prune(params: dict, checkpoint: str | Path, run_dir: str | Path, log=pri
                "counts": steps[-1]["counts"], "achieved": steps[-1]["achieved"], "steps": steps}
     save_checkpoint(run_dir / "checkpoint.pt", arch, model.state_dict(), params=params)
     write_json(run_dir / "prune.json", summary)
+    for t in range(1, pp["steps"] + 1):     # done: like training's last.pt, the resume markers go
+        (run_dir / f"step{t}" / STEP_FILE).unlink(missing_ok=True)
     return summary
 
 
