@@ -103,8 +103,9 @@ def _workflow_args(p: argparse.ArgumentParser, out: str, out_help: str) -> None:
 def _workflow_config(args: argparse.Namespace) -> dict:
     """params.yaml as the pipeline sees it (structure validated), with ``grid=NAME`` applied."""
     from . import workflow
+    from .config import read_yaml
 
-    config = workflow.read_config(args.params)
+    config = read_yaml(args.params)
     for text in args.overrides:
         key, _, value = text.partition("=")
         if key != "grid" or not value:

@@ -39,8 +39,6 @@ import yaml
 from .errors import MrpfError
 
 SCHEMA = "workflow/schemas/params.schema.yaml"
-GRID_AXES = ("datasets", "archs", "train_methods", "prune_methods", "sparsities")
-GPU_STAGES = ("train", "evaluate", "mrs", "prune")
 
 # The command of each stage; {placeholders} are the cell's fields (Snakemake fills them from
 # wildcards, dvc.yaml from its foreach item). Every stage reads the params file and the grid.
@@ -99,10 +97,6 @@ class Job:
     plots: list[str] = dataclasses.field(default_factory=list)     # CSV/PNG, kept in Git
     kept: list[str] = dataclasses.field(default_factory=list)      # other small outputs kept in Git
 
-    @property
-    def key(self) -> str:
-        return "-".join(str(self.cell[k]) for k in ("dataset", "arch", "tm", "model") if k in self.cell) or "all"
-
     def command(self, params_file: str, grid: str) -> str:
         return command(self.stage, params_file=params_file, grid=grid, **self.cell)
 
@@ -122,12 +116,6 @@ def run_dir(dataset: str, arch: str, tm: str, model: str) -> str:
 def sparsity_label(value: Any) -> str:
     """Sparsities as they appear in paths and commands: 0.5, 0.7 (no trailing zeros)."""
     return format(float(value), "g")
-
-
-def read_config(params_file: str | Path) -> dict:
-    from .config import read_yaml
-
-    return read_yaml(params_file)
 
 
 def validate_config(config: dict, schema_path: str | Path = SCHEMA, source: str = "params.yaml") -> None:
