@@ -14,7 +14,8 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# the real CIFAR-10 subset; MRPF_BENCH_DATA points elsewhere (bench/gpu_check.sh: a copy carried to the GPU machine)
+SHARED = Path(os.environ.get("MRPF_BENCH_DATA", ROOT.parent / "shared" / "data"))
 
 
 def machine() -> dict:

@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
 # GPU check: run whenever a session has the lent accelerator (<= 8 minutes on one H100).
-# Installs what is missing (the lent machine has torch, timm, scipy, pyyaml, tabulate,
-# pytest but no registry: carry wheels in .whl/ or unpacked packages in .gpu/site),
-# runs the CUDA tests, benchmarks a (throughput vs the reference loop, step efficiency)
-# and c (pruned speedup), and prints the ratios. Results: bench/results/*-cuda.json.
+# Runs the CUDA tests, then on the GPU: benchmark c (pruned speedup, batch 256 and 2048),
+# benchmark a with accuracy (ResNet-18, PGD-10, 10,000 real images: mrpf and the reference
+# loop train for the same epochs, as many as fit ACCURACY_BUDGET_S, then clean and PGD-20
+# test accuracy of both), a for TRADES (one epoch each), a with mrpf's bf16 off (where the
+# speedup comes from), and b (step efficiency); prints the ratios.
+# Results: bench/results/*cuda*.json (also copied to $OUT where that is set).
+#
+# The lent machine has torch, timm, scipy, pyyaml, tabulate and pytest but no registry;
+# carry (all optional, each git-ignored):
+#   .gpu/site   unpacked torch-pruning and pyautoattack (or wheels in .whl/, installed from there)
+#   .gpu/data   cifar10-subset-{train,test}.npz (else ../shared/data; else generated images)
+#   .gpu/ckpt   {dense,uniform_l1-0.5,uniform_l1-0.7,mrpf-0.5,mrpf-0.7}/checkpoint.pt for c
+#               (else runs/core-acceptance and runs/compare/*-s0; c is skipped without them)
 #   bash bench/gpu_check.sh
+#   GPU_CHECK_SMOKE=1 bash bench/gpu_check.sh     # the same steps, tiny, on the CPU (tests this script)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -d .gpu/site ] && export PYTHONPATH="$PWD/.gpu/site:$PYTHONPATH"
+[ -d .gpu/data ] && export MRPF_BENCH_DATA="$PWD/.gpu/data"
 missing=$(python3 - <<'PY'
 import importlib.util
 print(" ".join(p for m, p in [("torch_pruning", "torch-pruning"), ("pyautoattack", "pyautoattack"),
@@ -19,21 +30,77 @@ if [ -n "$missing" ]; then
   echo "installing: $missing"
   python3 -m pip install -q --no-index --find-links .whl $missing
 fi
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__)"
-start=$(date +%s)
-echo "== CUDA tests"; python3 -m pytest -q -rs -m cuda tests/test_cuda.py
-echo "== a, b: throughput vs reference loop (ResNet-18, PGD-10, batch 128, 10,000 images)"
-python3 bench/throughput.py --device cuda --arch resnet18 --steps 10 --images 10000 --rounds 1
-echo "== c: pruned speedup"
-python3 bench/pruned_speedup.py --device cuda --batch 256
-python3 - <<'PY'
-import json
-a = json.load(open("bench/results/throughput-cuda.json"))
-c = json.load(open("bench/results/pruned-speedup-cuda.json"))
-print(f"a: PGD-AT {a['pgd_at']['ratio']:.2f}x, TRADES {a['trades']['ratio']:.2f}x the reference loop (target >= 3)")
-print(f"b: step efficiency {a['step']['step_efficiency']:.2f} (limit 1.0)")
-for r in c["pruned"]:
-    print(f"c: {r['model']}: speedup {r['speedup']:.2f} / MACs ratio {r['macs_ratio']:.2f} = "
-          f"{r['speedup_over_macs_ratio']:.2f} (target >= 0.8)")
+
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
+  device=cpu; tag=cpu-smoke
+  size=(--arch vgg11_w8 --steps 2 --images 512 --test-images 200); epochs=2; budget=20; batches=(64)
+else
+  device=cuda; tag=cuda
+  python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__)"
+  size=(--arch resnet18 --steps 10 --images 10000 --test-images 2000); epochs=15
+  budget=${ACCURACY_BUDGET_S:-150}; batches=(256 2048)
+fi
+start=$(date +%s); status=0
+copy_out() { if [ -n "${OUT:-}" ]; then cp bench/results/*"$tag"*.json "$OUT"/ 2>/dev/null || true; fi; }
+
+if [ "$device" = cuda ]; then
+  echo "== CUDA tests"
+  python3 -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_cuda.py || { status=1; echo "CUDA tests FAILED"; }
+fi
+
+if [ -d .gpu/ckpt ]; then
+  ckpt=.gpu/ckpt; dense=$ckpt/dense/checkpoint.pt
+  pruned=($ckpt/{uniform_l1,mrpf}-{0.5,0.7}/checkpoint.pt)
+else
+  dense=runs/core-acceptance/checkpoint.pt
+  pruned=(runs/compare/{uniform_l1,mrpf}-{0.5,0.7}-s0/checkpoint.pt)
+fi
+if [ -f "$dense" ]; then
+  for b in "${batches[@]}"; do
+    echo "== c: pruned speedup, batch $b"
+    python3 bench/pruned_speedup.py --device $device --batch "$b" --dense "$dense" --pruned "${pruned[@]}" \
+      --name "pruned-speedup-$tag-b$b" | tail -n 1
+  done
+else
+  echo "== c: skipped: no checkpoints ($dense missing; see the header of this script)"
+fi
+copy_out
+
+echo "== a, b: PGD-AT, same epochs for both loops, then test accuracy ($(date +%T))"
+python3 bench/throughput.py --device $device "${size[@]}" --methods pgd_at --accuracy --epochs $epochs \
+  --budget-s "$budget" --name "throughput-$tag-accuracy" | tail -n 1
+copy_out
+echo "== a: TRADES, one epoch each ($(date +%T))"
+python3 bench/throughput.py --device $device "${size[@]}" --methods trades --rounds 1 --name "throughput-$tag-trades" | tail -n 1
+copy_out
+echo "== a: PGD-AT with mrpf's bf16 off ($(date +%T))"
+python3 bench/throughput.py --device $device "${size[@]}" --methods pgd_at --rounds 1 --bf16 off \
+  --name "throughput-$tag-fp32" | tail -n 1
+copy_out
+
+TAG=$tag python3 - <<'PY'
+import glob, json, os
+tag = os.environ["TAG"]
+load = lambda name: json.load(open(f"bench/results/{name}.json"))
+acc = load(f"throughput-{tag}-accuracy")
+a = acc["pgd_at"]
+print(f"machine: {acc['machine']['gpu'] or acc['machine']['cpu']}, torch {acc['machine']['torch']}")
+print(f"a: PGD-AT {a['mrpf_images_per_s']:.0f} vs {a['reference_images_per_s']:.0f} img/s = {a['ratio']:.2f}x "
+      f"the reference loop (target >= 3), after {a['epochs']} epochs each:")
+for name, r in a["test_accuracy"].items():
+    d = r["mrpf_minus_reference"]
+    print(f"   {name}: mrpf {100 * r['mrpf']:.1f} %, reference {100 * r['reference']:.1f} %, "
+          f"difference {100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] points")
+t = load(f"throughput-{tag}-trades")["trades"]
+print(f"a: TRADES {t['mrpf_images_per_s']:.0f} vs {t['reference_images_per_s']:.0f} img/s = {t['ratio']:.2f}x")
+f = load(f"throughput-{tag}-fp32")["pgd_at"]
+print(f"a: PGD-AT with mrpf in fp32: {f['ratio']:.2f}x")
+print(f"b: step efficiency {acc['step']['step_efficiency']:.2f} (bf16; limit 1.0)")
+for path in sorted(glob.glob(f"bench/results/pruned-speedup-{tag}-b*.json")):
+    c = json.load(open(path))
+    for r in c["pruned"]:
+        print(f"c: batch {c['batch']}: {r['model']}: speedup {r['speedup']:.2f} / MACs ratio {r['macs_ratio']:.2f} = "
+              f"{r['speedup_over_macs_ratio']:.2f} (target >= 0.8)")
 PY
 echo "gpu_check: $(( $(date +%s) - start )) s"
+exit $status

@@ -6,7 +6,7 @@ target is speedup >= 0.7 x MACs ratio on CPU (0.8 on an H100). Latency does not 
 the weights, only on the channel counts, so any pruned checkpoint of the dense model works.
 
     python bench/pruned_speedup.py [--dense runs/core-acceptance/checkpoint.pt]
-        [--pruned runs/compare/{uniform_l1,mrpf}-{0.5,0.7}-s0/checkpoint.pt] [--batch 128] [--device cpu]
+        [--pruned runs/compare/{uniform_l1,mrpf}-{0.5,0.7}-s0/checkpoint.pt] [--batch 128] [--device cpu] [--name NAME]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--name", default=None, help="results file name (default: pruned-speedup-DEVICE)")
     args = p.parse_args()
     runtime = setup({"name": args.device, "threads": None, "channels_last": True, "bf16": False})
     paths = [ROOT / args.dense] + [ROOT / q for q in args.pruned]
@@ -59,7 +60,7 @@ def main() -> None:
         speedup, macs_ratio = dense_ms / ms, dense_macs / macs
         rows.append({"model": str(path.relative_to(ROOT).parent), "latency_ms": ms, "macs": macs,
                      "speedup": speedup, "macs_ratio": macs_ratio, "speedup_over_macs_ratio": speedup / macs_ratio})
-    write(f"pruned-speedup-{args.device}", {"batch": args.batch, "dense": {"latency_ms": dense_ms, "macs": dense_macs},
+    write(args.name or f"pruned-speedup-{args.device}", {"batch": args.batch, "dense": {"latency_ms": dense_ms, "macs": dense_macs},
                                             "pruned": rows})
 
 

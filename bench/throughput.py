@@ -4,16 +4,23 @@ a. Adversarial-training throughput (images/s) of `mrpf`'s training loop (mrpf.tr
    data held on the device, augmentation there, channels_last, bf16 on CUDA) for PGD-AT and
    TRADES, against a reference loop written the way the public TRADES and HYDRA training
    scripts are (fp32, NCHW, torchvision DataLoader with PIL transforms, model.eval() for the
-   attack), with the same model, k and batch size; interleaved in one run.
+   attack), with the same model, initial weights, k, batch size, optimiser and lr schedule.
+   With ``--accuracy`` both loops train for the same epochs and are then evaluated on the
+   test images (clean and PGD-20, fp32), with the paired 95 % interval of the difference:
+   "faster at equal robust accuracy".
 b. Step efficiency: time of one PGD-k training step / ((k + 1) x time of one clean
    forward-backward step), 1.0 being the limit.
 
     python bench/throughput.py [--device cpu|cuda] [--arch vgg11_w8] [--steps 5] [--images 2560]
+    python bench/throughput.py --device cuda --arch resnet18 --steps 10 --images 10000 \
+        --accuracy --epochs 10 --budget-s 240     # the GPU check
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
 import tempfile
 import time
@@ -26,32 +33,47 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, timed, write  # noqa: E402
 
+from mrpf.attacks import pgd  # noqa: E402
 from mrpf.config import load_params  # noqa: E402
-from mrpf.models import build_model  # noqa: E402
-from mrpf.training import train  # noqa: E402
+from mrpf.data import read_npz, spec_for  # noqa: E402
+from mrpf.devices import setup  # noqa: E402
+from mrpf.evaluation import correct_under, load_model  # noqa: E402
+from mrpf.models import arch_description, build_model, instantiate  # noqa: E402
+from mrpf.statistics import paired_difference  # noqa: E402
+from mrpf.training import CHECKPOINT_FILE, HISTORY_FILE, make_optimizer, make_scheduler, train  # noqa: E402
+
+EPS = 8 / 255
 
 
-def subset_npz(n: int, folder: Path) -> Path:
+def subset_npz(n: int, folder: Path, split: str = "train") -> Path:
     """The first n images of the real CIFAR-10 subset, or generated ones where it is absent."""
-    path = folder / "bench-train.npz"
-    source = SHARED / "cifar10-subset-train.npz"
+    path = folder / f"bench-{split}.npz"
+    source = SHARED / f"cifar10-subset-{split}.npz"
     if source.is_file():
         with np.load(source) as f:
-            np.savez(path, x=f["x"][:n], y=f["y"][:n])
+            order = np.arange(len(f["y"])) if split == "train" else np.random.default_rng(0).permutation(len(f["y"]))
+            np.savez(path, x=f["x"][order[:n]], y=f["y"][order[:n]])
     else:
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(0 if split == "train" else 1)
         np.savez(path, x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), y=rng.integers(0, 10, n))
     return path
 
 
-def mrpf_throughput(npz: Path, method: str, arch: str, steps: int, batch: int, device: str, bf16: bool) -> float:
-    params = load_params(None, [f"data.train_path={npz}", "data.val_size=64", "data.calibration_size=0",
-                                f"model.arch={arch}", f"train.method={method}", "train.epochs=1",
-                                f"train.steps={steps}", f"train.batch_size={batch}", "train.val_pgd_steps=0",
-                                f"device.name={device}", f"device.bf16={'true' if bf16 else 'false'}"])
-    with tempfile.TemporaryDirectory() as out:
-        summary = train(params, out, log=lambda m: None)
-    return summary["images_per_s"]
+def bench_params(npz: Path, method: str, arch: str, steps: int, batch: int, device: str, bf16: bool,
+                 epochs: int) -> dict:
+    """mrpf's parameters for the run; the reference loop reads its recipe from them too."""
+    return load_params(None, [f"data.train_path={npz}", "data.val_size=64", "data.calibration_size=0",
+                              f"model.arch={arch}", f"train.method={method}", f"train.epochs={epochs}",
+                              f"train.steps={steps}", f"train.batch_size={batch}", "train.val_pgd_steps=0",
+                              f"device.name={device}", f"device.bf16={'true' if bf16 else 'false'}"])
+
+
+def mrpf_train(params: dict, folder: Path) -> tuple[Path, list[float]]:
+    """mrpf's own loop; returns its checkpoint and the images/s of each epoch."""
+    train(params, folder, log=lambda m: None)
+    lines = (folder / HISTORY_FILE).read_text().splitlines()
+    column = lines[0].split(",").index("images_per_s")
+    return folder / CHECKPOINT_FILE, [float(line.split(",")[column]) for line in lines[1:]]
 
 
 class PilDataset(torch.utils.data.Dataset):
@@ -73,57 +95,136 @@ class PilDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
 
 
-def reference_throughput(npz: Path, method: str, arch: str, steps: int, batch: int, device: str) -> float:
-    """One epoch of the reference loop (TRADES repo's train_trades_cifar10.py / HYDRA's adv training)."""
-    eps, step_size, beta = 8 / 255, 2.5 * (8 / 255) / steps, 6.0
+def reference_model(params: dict) -> torch.nn.Module:
+    """The same initial weights mrpf's train() starts from (same seed, same description)."""
+    spec = spec_for(params)
+    torch.manual_seed(params["seed"])
+    return instantiate(arch_description(params["model"]["arch"], spec.num_classes, spec.input_size, spec.mean,
+                                        spec.std, params["model"]["activation"]))
+
+
+def reference_train(params: dict, npz: Path, max_batches: int | None = None) -> tuple[torch.nn.Module, list[float]]:
+    """The reference loop (TRADES repo's train_trades_cifar10.py / HYDRA's adversarial training):
+    fp32, NCHW, DataLoader + PIL, the attack in eval mode. Returns the model and images/s per epoch."""
+    tp = params["train"]
+    method, steps, batch, beta = tp["method"], tp["steps"], tp["batch_size"], float(tp["beta"])
+    step_size = 2.5 * EPS / steps
+    device = params["device"]["name"]
     dev = torch.device(device)
-    model = build_model(arch, 10, 32).to(dev)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    # cuDNN autotuning for the reference too (mrpf turns it on), so the ratio credits only the
+    # changes mrpf makes to the loop itself
+    torch.backends.cudnn.benchmark = device == "cuda"
+    model = reference_model(params).to(dev)
     loader = torch.utils.data.DataLoader(PilDataset(npz), batch_size=batch, shuffle=True, num_workers=1,
                                          pin_memory=device == "cuda", drop_last=True)
-    seen, start = 0, time.perf_counter()
-    for x, y in loader:
-        x, y = x.to(dev), y.to(dev)
-        model.eval()
-        if method == "trades":
-            p_clean = F.softmax(model(x), 1).detach()
-            x_adv = x.detach() + 0.001 * torch.randn_like(x)
-        else:
-            x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            with torch.enable_grad():
-                out = model(x_adv)
-                loss = (F.kl_div(F.log_softmax(out, 1), p_clean, reduction="sum") if method == "trades"
-                        else F.cross_entropy(out, y))
-            grad = torch.autograd.grad(loss, [x_adv])[0]
-            x_adv = torch.min(torch.max(x_adv.detach() + step_size * grad.sign(), x - eps), x + eps).clamp(0, 1)
-        model.train()
-        optimizer.zero_grad()
-        if method == "trades":
-            logits = model(x)
-            loss = F.cross_entropy(logits, y) + beta * F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(logits, 1),
-                                                                 reduction="batchmean")
-        else:
-            loss = F.cross_entropy(model(x_adv), y)
-        loss.backward()
-        optimizer.step()
-        seen += len(y)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return seen / (time.perf_counter() - start)
+    # the same recipe as mrpf's (optimiser, weight-decay groups, schedule) in its plain,
+    # non-fused implementation (make_optimizer fuses only on CUDA devices)
+    optimizer = make_optimizer(model, tp, torch.device("cpu"))
+    scheduler = make_scheduler(optimizer, tp, len(loader))
+    rates = []
+    for _ in range(tp["epochs"]):
+        seen, start = 0, time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(dev), y.to(dev)
+            model.eval()
+            if method == "trades":
+                p_clean = F.softmax(model(x), 1).detach()
+                x_adv = x.detach() + 0.001 * torch.randn_like(x)
+            else:
+                x_adv = (x + torch.empty_like(x).uniform_(-EPS, EPS)).clamp(0, 1)
+            for _ in range(steps):
+                x_adv.requires_grad_(True)
+                with torch.enable_grad():
+                    out = model(x_adv)
+                    loss = (F.kl_div(F.log_softmax(out, 1), p_clean, reduction="sum") if method == "trades"
+                            else F.cross_entropy(out, y))
+                grad = torch.autograd.grad(loss, [x_adv])[0]
+                x_adv = torch.min(torch.max(x_adv.detach() + step_size * grad.sign(), x - EPS), x + EPS).clamp(0, 1)
+            model.train()
+            optimizer.zero_grad()
+            if method == "trades":
+                logits = model(x)
+                loss = F.cross_entropy(logits, y) + beta * F.kl_div(F.log_softmax(model(x_adv), 1),
+                                                                     F.softmax(logits, 1), reduction="batchmean")
+            else:
+                loss = F.cross_entropy(model(x_adv), y)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(y)
+            if max_batches is not None and seen >= max_batches * batch:
+                break
+        if device == "cuda":
+            torch.cuda.synchronize()
+        rates.append(seen / (time.perf_counter() - start))
+    return model, rates
 
 
-def step_efficiency(arch: str, steps: int, batch: int, device: str, repeats: int = 10) -> dict:
+def steady_rate(rates: list[float]) -> float:
+    """Images/s of a run: the median over epochs after the first (warm-up), or the one epoch."""
+    return statistics.median(rates[1:] if len(rates) > 1 else rates)
+
+
+def test_outcomes(model: torch.nn.Module, test_npz: Path, device: str) -> dict:
+    """Per test image, right or wrong: clean and under PGD-20 (eps 8/255, step 2/255), fp32."""
+    runtime = setup({"name": device, "threads": None, "channels_last": True, "bf16": False})
+    model = runtime.prepare(model).eval()
+    images = read_npz(test_npz)
+
+    def attack(x, y):
+        return pgd(model, x, y, eps=EPS, step_size=2 / 255, steps=20)
+
+    return {name: correct_under(model, images, a, runtime, 500).numpy()
+            for name, a in (("clean", None), ("pgd20", attack))}
+
+
+def affordable_epochs(params: dict, npz: Path, budget_s: float, wanted: int) -> int:
+    """Epochs that fit both loops in budget_s, from a short probe of the reference loop
+    (the slower of the two everywhere measured so far)."""
+    probe = {**params, "train": {**params["train"], "epochs": 1}}
+    reference_train(probe, npz, max_batches=3)                      # warm-up (cuDNN autotuning, workers)
+    _, rate = reference_train(probe, npz, max_batches=10)
+    epoch_s = len(PilDataset(npz)) / rate[0]
+    return max(1, min(wanted, math.floor(budget_s / (2 * epoch_s))))
+
+
+def accuracy_run(args, npz: Path, test_npz: Path, method: str, bf16: bool, folder: Path) -> dict:
+    """Both loops for the same epochs, then the same evaluation of both models."""
+    params = bench_params(npz, method, args.arch, args.steps, args.batch, args.device, bf16, args.epochs)
+    epochs = affordable_epochs(params, npz, args.budget_s, args.epochs) if args.budget_s else args.epochs
+    params = bench_params(npz, method, args.arch, args.steps, args.batch, args.device, bf16, epochs)
+    ref_model, ref_rates = reference_train(params, npz)
+    checkpoint, our_rates = mrpf_train(params, folder / method)
+    our_model, _ = load_model(checkpoint, setup(params["device"]))
+    ref, ours = test_outcomes(ref_model, test_npz, args.device), test_outcomes(our_model, test_npz, args.device)
+    accuracy = {name: {"mrpf": float(ours[name].mean()), "reference": float(ref[name].mean()),
+                       "mrpf_minus_reference": paired_difference(ours[name], ref[name])} for name in ours}
+    return {"epochs": epochs, "mrpf_images_per_s": steady_rate(our_rates),
+            "reference_images_per_s": steady_rate(ref_rates),
+            "ratio": steady_rate(our_rates) / steady_rate(ref_rates),
+            "epochs_images_per_s": {"mrpf": our_rates, "reference": ref_rates}, "test_accuracy": accuracy}
+
+
+def throughput_run(args, npz: Path, method: str, bf16: bool, folder: Path) -> dict:
+    """One epoch of each loop, interleaved over rounds so drift in machine speed hits both."""
+    params = bench_params(npz, method, args.arch, args.steps, args.batch, args.device, bf16, 1)
+    ours, ref = [], []
+    for i in range(args.rounds):
+        ref += reference_train(params, npz)[1]
+        ours += mrpf_train(params, folder / f"{method}-{i}")[1]
+    return {"mrpf_images_per_s": float(np.median(ours)), "reference_images_per_s": float(np.median(ref)),
+            "ratio": float(np.median(ours) / np.median(ref)), "rounds": {"mrpf": ours, "reference": ref}}
+
+
+def step_efficiency(arch: str, steps: int, batch: int, device: str, bf16: bool, repeats: int = 10) -> dict:
     """b: one PGD-k training step vs (k+1) clean forward-backward steps, in mrpf's own setting."""
-    from mrpf.devices import setup
     from mrpf.objectives import OBJECTIVES, Adversary
 
-    runtime = setup({"name": device, "threads": None, "channels_last": True, "bf16": device == "cuda"})
+    runtime = setup({"name": device, "threads": None, "channels_last": True, "bf16": bf16})
     model = runtime.prepare(build_model(arch, 10, 32)).train()
     x = torch.rand(batch, 3, 32, 32, device=runtime.device).contiguous(memory_format=runtime.memory_format)
     y = torch.randint(0, 10, (batch,), device=runtime.device)
-    adversary = Adversary(eps=8 / 255, step_size=2.5 * (8 / 255) / steps, steps=steps)
+    adversary = Adversary(eps=EPS, step_size=2.5 * EPS / steps, steps=steps)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step(method):
@@ -153,21 +254,32 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median is reported")
     p.add_argument("--bf16", choices=["on", "off"], default=None,
                    help="mrpf's bf16 autocast (default: on for CUDA, off for CPU); the reference stays fp32")
+    p.add_argument("--methods", nargs="+", default=["pgd_at", "trades"], choices=["pgd_at", "trades"])
+    p.add_argument("--accuracy", action="store_true",
+                   help="train both loops for --epochs, then compare test accuracy (clean, PGD-20)")
+    p.add_argument("--epochs", type=int, default=10, help="with --accuracy: epochs of each loop")
+    p.add_argument("--test-images", type=int, default=2000, help="with --accuracy: test images")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="with --accuracy: fewer epochs where both loops would not fit this many seconds")
+    p.add_argument("--name", default=None, help="results file name (default: throughput-DEVICE[-bf16|-accuracy])")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
-        npz = subset_npz(args.images, Path(folder))
-        bf16 = (args.bf16 or ("on" if args.device == "cuda" else "off")) == "on"
-        result = {"arch": args.arch, "k": args.steps, "batch": args.batch, "images": args.images,
-                  "device": args.device, "mrpf_bf16": bf16}
-        for method in ("pgd_at", "trades"):
-            ours, ref = [], []
-            for _ in range(args.rounds):   # interleaved, so drift in machine speed hits both
-                ref.append(reference_throughput(npz, method, args.arch, args.steps, args.batch, args.device))
-                ours.append(mrpf_throughput(npz, method, args.arch, args.steps, args.batch, args.device, bf16))
-            result[method] = {"mrpf_images_per_s": float(np.median(ours)), "reference_images_per_s": float(np.median(ref)),
-                              "ratio": float(np.median(ours) / np.median(ref)), "rounds": {"mrpf": ours, "reference": ref}}
-    result["step"] = step_efficiency(args.arch, args.steps, args.batch, args.device)
-    write(f"throughput-{args.device}{'-bf16' if bf16 and args.device == 'cpu' else ''}", result)
+    bf16 = (args.bf16 or ("on" if args.device == "cuda" else "off")) == "on"
+    result = {"arch": args.arch, "k": args.steps, "batch": args.batch, "images": args.images,
+              "device": args.device, "mrpf_bf16": bf16}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        npz = subset_npz(args.images, folder)
+        for method in args.methods:
+            if args.accuracy:
+                test_npz = subset_npz(args.test_images, folder, "test")
+                result[method] = accuracy_run(args, npz, test_npz, method, bf16, folder)
+            else:
+                result[method] = throughput_run(args, npz, method, bf16, folder)
+            print(f"{method}: mrpf {result[method]['mrpf_images_per_s']:.0f} img/s, reference "
+                  f"{result[method]['reference_images_per_s']:.0f} img/s = {result[method]['ratio']:.2f}x", flush=True)
+    result["step"] = step_efficiency(args.arch, args.steps, args.batch, args.device, bf16)
+    suffix = "-accuracy" if args.accuracy else "-bf16" if bf16 and args.device == "cpu" else ""
+    write(args.name or f"throughput-{args.device}{suffix}", result)
 
 
 if __name__ == "__main__":
