@@ -26,13 +26,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .folding import folded
+
 
 @contextlib.contextmanager
-def attack_mode(model: nn.Module) -> Iterator[None]:
+def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and frozen parameters for the attack; everything restored on exit.
 
     Freezing parameters both protects their ``.grad`` and spares the backward pass the
-    weight gradients, which an attack never needs.
+    weight gradients, which an attack never needs. Yields the network to attack: the
+    model with its BatchNorms folded into the convolutions (mrpf/folding.py; same logits,
+    fewer ops), or the model itself where nothing folds.
     """
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
@@ -42,7 +46,7 @@ def attack_mode(model: nn.Module) -> Iterator[None]:
     for p in params:
         p.requires_grad_(False)
     try:
-        yield
+        yield folded(model)
     finally:
         for m, training in modes:
             m.training = training
@@ -114,14 +118,14 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
         restarts: independent random starts; the first one that misclassifies wins.
     """
     per_example = _per_example_loss(loss)
-    with attack_mode(model):
+    with attack_mode(model) as net:
         best = x.clone()
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(restarts):
             start = _random_start(x, eps, norm) if random_start else torch.zeros_like(x)
-            x_adv = _ascend(model, x, start, lambda logits: per_example(logits, y), eps, step_size, steps, norm)
+            x_adv = _ascend(net, x, start, lambda logits: per_example(logits, y), eps, step_size, steps, norm)
             with torch.no_grad():
-                wrong = model(x_adv).argmax(1) != y
+                wrong = net(x_adv).argmax(1) != y
             take = wrong & ~fooled if restarts > 1 else torch.ones_like(fooled)
             best[take] = x_adv[take]
             fooled |= wrong
@@ -138,11 +142,11 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float) -> t
 def trades_adversary(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: float, steps: int,
                      norm: str = "linf") -> torch.Tensor:
     """TRADES inner maximisation (Zhang et al., 2019): argmax KL(p(x) || p(x')) over the eps-ball."""
-    with attack_mode(model):
+    with attack_mode(model) as net:
         with torch.no_grad():
-            p_clean = F.softmax(model(x), dim=1)
+            p_clean = F.softmax(net(x), dim=1)
         objective = lambda logits: F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="none").sum(1)  # noqa: E731
-        return _ascend(model, x, 0.001 * torch.randn_like(x), objective, eps, step_size, steps, norm)
+        return _ascend(net, x, 0.001 * torch.randn_like(x), objective, eps, step_size, steps, norm)
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
@@ -150,8 +154,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     """AutoAttack "standard" (Croce & Hein, 2020); returns a bool tensor: image still classified right."""
     from pyautoattack import AutoAttack
 
-    with attack_mode(model), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        adversary = AutoAttack(model, norm="Linf" if norm == "linf" else "L2", eps=eps, version="standard",
+    with attack_mode(model) as net, torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        adversary = AutoAttack(net, norm="Linf" if norm == "linf" else "L2", eps=eps, version="standard",
                                device=x.device, seed=seed)
         adversary.verbose = False
         _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)

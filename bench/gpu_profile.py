@@ -1,0 +1,204 @@
+"""Where the GPU time goes: the follow-up to bench/gpu_check.sh (docs/performance.md).
+
+1. mrpf's training loop (mrpf.training.train, one epoch, ResNet-18, PGD-10, batch 128) with
+   each combination of device.bf16 and device.channels_last, and without BN folding in the
+   attack (MRPF_FOLD_BN=0), next to the reference loop.
+2. A torch.profiler view of one PGD-10 training step: GPU kernel time vs wall time, and the
+   ops that spend most host time (a GPU waiting on the host is "launch-bound").
+3. Latency of the pruned models with their channel counts as pruned, and with each group's
+   kept channels rounded up to a multiple of 8 (tensor-core friendly), fp32/bf16 x NCHW/NHWC.
+4. torch.compile of the model for the same PGD step (compile time, then step time).
+
+    python bench/gpu_profile.py [--images 5120] [--deadline-s 200]
+Results: bench/results/gpu-profile-DEVICE.json, written after every part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, write  # noqa: E402
+from throughput import EPS, bench_params, mrpf_train, reference_train, subset_npz  # noqa: E402
+
+from mrpf import groups as groups_mod  # noqa: E402
+from mrpf.devices import setup  # noqa: E402
+from mrpf.evaluation import load_model  # noqa: E402
+from mrpf.models import build_model  # noqa: E402
+from mrpf.objectives import OBJECTIVES, Adversary  # noqa: E402
+
+
+def step_runner(model, runtime, batch: int, steps: int):
+    x = torch.rand(batch, 3, 32, 32, device=runtime.device).contiguous(memory_format=runtime.memory_format)
+    y = torch.randint(0, 10, (batch,), device=runtime.device)
+    adversary = Adversary(eps=EPS, step_size=2.5 * EPS / steps, steps=steps)
+
+    def run():
+        with runtime.autocast():
+            loss, _ = OBJECTIVES["pgd_at"](model, x, y, adversary, 6.0)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+    return run
+
+
+def time_ms(fn, repeats: int, device: str) -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return 1000 * (time.perf_counter() - start) / repeats
+
+
+def profile_step(device: str, arch: str, bf16: bool, channels_last: bool) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    runtime = setup({"name": device, "threads": None, "channels_last": channels_last, "bf16": bf16})
+    model = runtime.prepare(build_model(arch, 10, 32)).train()
+    run = step_runner(model, runtime, 128, 10)
+    for _ in range(3):
+        run()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    wall = time_ms(run, 5, device)
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    def device_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    gpu_us = sum(device_us(e) for e in events) / 3 if device == "cuda" else 0.0
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    n_kernels = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / 3
+    return {"bf16": bf16, "channels_last": channels_last, "step_wall_ms": wall, "step_gpu_kernel_ms": gpu_us / 1000,
+            "gpu_busy_fraction": gpu_us / 1000 / wall if wall else None, "kernels_per_step": n_kernels,
+            "top_host_ops": [{"op": e.key, "calls_per_step": e.count / 3, "self_cpu_ms_per_step": e.self_cpu_time_total / 3000,
+                              "self_gpu_ms_per_step": device_us(e) / 3000} for e in top]}
+
+
+def rounded_copy(dense: torch.nn.Module, pruned: torch.nn.Module, size: int, classes: int, multiple: int):
+    """The dense model pruned by magnitude to the pruned model's kept channels, each rounded up
+    to a multiple of ``multiple``."""
+    model = copy.deepcopy(dense).cpu()
+    graph, found = groups_mod.find_groups(model, size, classes)
+    _, kept_groups = groups_mod.find_groups(copy.deepcopy(pruned).cpu(), size, classes)
+    remove = {}
+    for group, kept in zip(found, kept_groups):
+        keep = min(group.channels, -(-kept.channels // multiple) * multiple)
+        order = torch.argsort(groups_mod.channel_magnitude(model, group))
+        remove[group.id] = order[: group.channels - keep].tolist()
+    groups_mod.prune(graph, found, remove)
+    return model
+
+
+def latency(model, size: int, runtime, dtype, batch: int, repeats: int = 20) -> float:
+    """Median forward time (ms) of one batch in ``dtype``, after warm-up."""
+    x = torch.rand(batch, 3, size, size, device=runtime.device, dtype=dtype).contiguous(
+        memory_format=runtime.memory_format)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 3):
+            ms = time_ms(lambda: model(x), 1, runtime.device.type)
+            if i >= 3:
+                times.append(ms)
+    return sorted(times)[len(times) // 2]
+
+
+def latency_table(device: str, batch: int) -> list[dict]:
+    from mrpf.evaluation import count_macs
+
+    base = ROOT / ".gpu" / "ckpt" if (ROOT / ".gpu" / "ckpt").is_dir() else None
+    if base is None:
+        return []
+    cpu = setup({"name": "cpu", "threads": None, "channels_last": False, "bf16": False})
+    dense, state = load_model(base / "dense" / "checkpoint.pt", cpu)
+    size, classes = state["arch"]["input_size"], state["arch"]["num_classes"]
+    models = {"dense": dense}
+    for name in ("uniform_l1-0.5", "uniform_l1-0.7", "mrpf-0.5", "mrpf-0.7"):
+        pruned, _ = load_model(base / name / "checkpoint.pt", cpu)
+        models[name] = pruned
+        models[name + "-r8"] = rounded_copy(dense, pruned, size, classes, 8)
+    rows = []
+    for bf16 in (False, True):
+        for channels_last in (False, True):
+            runtime = setup({"name": device, "threads": None, "channels_last": channels_last, "bf16": bf16})
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            ms = {}
+            for name, model in models.items():
+                m = runtime.prepare(copy.deepcopy(model)).eval().to(dtype)
+                ms[name] = min(latency(m, size, runtime, dtype, batch) for _ in range(2))
+            macs = {name: count_macs(runtime.prepare(copy.deepcopy(m)).eval(), size, runtime.device)
+                    for name, m in models.items()}
+            for name in models:
+                rows.append({"model": name, "bf16": bf16, "channels_last": channels_last, "batch": batch,
+                             "latency_ms": ms[name], "speedup": ms["dense"] / ms[name],
+                             "macs_ratio": macs["dense"] / macs[name],
+                             "speedup_over_macs_ratio": ms["dense"] / ms[name] / (macs["dense"] / macs[name])})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--images", type=int, default=5120)
+    p.add_argument("--latency-batch", type=int, default=2048)
+    p.add_argument("--deadline-s", type=float, default=200)
+    args = p.parse_args()
+    start = time.monotonic()
+    result: dict = {"device": args.device, "arch": args.arch, "k": 10, "batch": 128, "images": args.images}
+    name = f"gpu-profile-{args.device}"
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = subset_npz(args.images, Path(tmp))
+        loops = []
+        params = bench_params(npz, "pgd_at", args.arch, 10, 128, args.device, False, 1)
+        loops.append({"loop": "reference (fp32, NCHW, DataLoader)",
+                      "images_per_s": reference_train(params, npz)[1][0]})
+        configs = [(bf16, cl, "1") for bf16 in (False, True) for cl in (False, True)] + [(True, True, "0"), (True, False, "0")]
+        for bf16, channels_last, fold in configs:
+            os.environ["MRPF_FOLD_BN"] = fold
+            params = bench_params(npz, "pgd_at", args.arch, 10, 128, args.device, bf16, 1)
+            params["device"]["channels_last"] = channels_last
+            _, rates = mrpf_train(params, Path(tmp) / f"{bf16}-{channels_last}-{fold}")
+            loops.append({"loop": f"mrpf bf16={bf16} channels_last={channels_last} fold_bn={fold == '1'}",
+                          "images_per_s": rates[0]})
+            print(loops[-1], flush=True)
+        os.environ["MRPF_FOLD_BN"] = "1"
+        result["loops"] = loops
+    write(name, result)
+    for part, run in (("profile", lambda: [profile_step(args.device, args.arch, bf16, cl)
+                                           for bf16, cl in ((False, False), (True, True))]),
+                      ("latency", lambda: latency_table(args.device, args.latency_batch))):
+        try:
+            result[part] = run()
+        except Exception as e:  # noqa: BLE001 - one broken part must not lose the others on a one-shot machine
+            result[part] = {"error": repr(e)}
+        write(name, result)
+    if time.monotonic() - start < args.deadline_s:
+        runtime = setup({"name": args.device, "threads": None, "channels_last": False, "bf16": True})
+        model = runtime.prepare(build_model(args.arch, 10, 32)).train()
+        eager = time_ms(step_runner(model, runtime, 128, 10), 5, args.device)
+        compiled = torch.compile(model)
+        run = step_runner(compiled, runtime, 128, 10)
+        t0 = time.perf_counter()
+        run()
+        run()
+        compile_s = time.perf_counter() - t0
+        result["compile"] = {"bf16": True, "channels_last": False, "eager_step_ms": eager, "compile_and_2_steps_s": compile_s,
+                             "compiled_step_ms": time_ms(run, 10, args.device)}
+        write(name, result)
+
+
+if __name__ == "__main__":
+    main()
