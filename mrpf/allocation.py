@@ -74,20 +74,36 @@ def ratios_for(lam: float, mrs: list[float], weights: list[float], alpha: float,
     return [min(r_max, lam * w / (s ** alpha)) for s, w in zip(mrs, weights)]
 
 
-def prune_copy(model: nn.Module, input_size: int, num_classes: int, ratios: list[float]) -> tuple[nn.Module, list]:
+def rounded_removal(channels: int, n: int, round_to: int) -> int:
+    """Channels to remove so that the kept ones are a multiple of ``round_to`` (the nearest
+    multiple, at least one), for a group that loses any; unchanged for ``round_to`` 1, for
+    groups narrower than ``round_to`` and for groups left whole. GPUs run convolutions
+    with odd channel counts on slower kernels: on an H100, pruned VGG-11 models ran up to
+    1.3x faster with their kept channels rounded up to multiples of 8 (bench/gpu_profile.py)."""
+    if round_to <= 1 or n <= 0 or channels < round_to:
+        return n
+    kept = max(round_to, min(channels, round_to * round((channels - n) / round_to)))
+    return channels - kept
+
+
+def prune_copy(model: nn.Module, input_size: int, num_classes: int, ratios: list[float],
+               round_to: int = 1) -> tuple[nn.Module, list]:
     """A pruned deep copy (see ``apply_ratios``) and its pruning history."""
     pruned = copy.deepcopy(model)
-    return pruned, apply_ratios(pruned, input_size, num_classes, ratios)
+    return pruned, apply_ratios(pruned, input_size, num_classes, ratios, round_to)
 
 
-def apply_ratios(pruned: nn.Module, input_size: int, num_classes: int, ratios: list[float]) -> list:
-    """Prune in place: each group loses round(r_g * channels) smallest-magnitude channels."""
+def apply_ratios(pruned: nn.Module, input_size: int, num_classes: int, ratios: list[float],
+                 round_to: int = 1) -> list:
+    """Prune in place: each group loses round(r_g * channels) smallest-magnitude channels
+    (adjusted by ``rounded_removal``)."""
     graph, found = groups_mod.find_groups(pruned, input_size, num_classes)
     if len(found) != len(ratios):
         raise MrpfError(f"{len(ratios)} ratios for {len(found)} groups")
     remove = {}
     for group, r in zip(found, ratios):
         n = min(group.channels - 1, int(round(r * group.channels)))
+        n = rounded_removal(group.channels, n, round_to)
         if n > 0:
             order = torch.argsort(groups_mod.channel_magnitude(pruned, group))
             remove[group.id] = order[:n].tolist()
@@ -95,12 +111,12 @@ def apply_ratios(pruned: nn.Module, input_size: int, num_classes: int, ratios: l
 
 
 def check_reachable(model: nn.Module, input_size: int, num_classes: int, budget: float, metric: str,
-                    r_max: float, dense: dict | None = None) -> float:
+                    r_max: float, dense: dict | None = None, round_to: int = 1) -> float:
     """Fail fast (before any MRS or fine-tuning) when pruning every group to ``r_max``
     cannot remove ``budget`` of the dense ``metric``; return that largest reduction."""
     dense = dense or count(model, input_size)
     graph, found = groups_mod.find_groups(model, input_size, num_classes)
-    pruned, _ = prune_copy(model, input_size, num_classes, [r_max] * len(found))
+    pruned, _ = prune_copy(model, input_size, num_classes, [r_max] * len(found), round_to)
     most = 1 - count(pruned, input_size)[metric] / dense[metric]
     if most < budget:
         raise MrpfError(f"a {budget:.0%} {metric} reduction is out of reach: pruning every group to "
@@ -110,7 +126,7 @@ def check_reachable(model: nn.Module, input_size: int, num_classes: int, budget:
 
 def solve(model: nn.Module, groups: list[groups_mod.Group], mrs: list[float], *, input_size: int, num_classes: int,
           budget: float, metric: str = "macs", alpha: float = 1.0, r_max: float = 0.9, cost_aware: bool = True,
-          dense: dict | None = None, iterations: int = 30) -> dict:
+          dense: dict | None = None, iterations: int = 30, round_to: int = 1) -> dict:
     """Per-group ratios whose pruned model removes ``budget`` of the dense model's ``metric``.
 
     ``dense``: counts of the reference model the budget is relative to (default: ``model``).
@@ -128,7 +144,7 @@ def solve(model: nn.Module, groups: list[groups_mod.Group], mrs: list[float], *,
 
     def achieved(lam: float) -> tuple[float, list[float], dict]:
         ratios = ratios_for(lam, mrs, weights, alpha, r_max)
-        pruned, _ = prune_copy(model, input_size, num_classes, ratios)
+        pruned, _ = prune_copy(model, input_size, num_classes, ratios, round_to)
         counts = count(pruned, input_size)
         return 1 - counts[metric] / dense[metric], ratios, counts
 

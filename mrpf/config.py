@@ -80,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
         "alpha": 1.0,               # exponent on MRS in the allocation
         "r_max": 0.9,               # no group loses more than this fraction of its channels
         "cost_aware": True,         # weight ratios by the group's share of the budget metric
+        "round_to": 1,              # keep each pruned group's channels a multiple of this (8 for GPUs)
         "steps": 3,                 # T iterative steps; step t reaches S * t / T
         "finetune_epochs": 2,       # E_t: fine-tuning epochs after each step
         "final_epochs": 4,          # extra epochs added to the last step's fine-tune
@@ -254,7 +255,7 @@ def validate(params: dict) -> None:
             raise MrpfError(f"{key}: must lie in (0, 1], got {params[section][name]!r}")
     for key in ("mrs.steps", "prune.finetune_epochs", "prune.final_epochs"):
         _positive_int(params, key, allow_zero=True)
-    for key in ("mrs.batch_size", "prune.steps"):
+    for key in ("mrs.batch_size", "prune.steps", "prune.round_to"):
         _positive_int(params, key)
     decay = params["train"]["ema_decay"]
     if decay is not None and not 0 < as_float(decay, "train.ema_decay") < 1:

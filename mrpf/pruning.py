@@ -82,17 +82,23 @@ def _taylor(model, found, calibration, params, runtime) -> list[torch.Tensor]:
     return scores
 
 
-def _global_plan(model, found, scores, budget, metric, r_max, input_size, num_classes, dense) -> tuple[list, float]:
-    """The k globally lowest-scored channels (at most r_max of any group) reaching the budget."""
+def _global_plan(model, found, scores, budget, metric, r_max, input_size, num_classes, dense,
+                 round_to: int = 1) -> tuple[list, float]:
+    """The k globally lowest-scored channels (at most r_max of any group) reaching the budget,
+    each group's count then adjusted by ``allocation.rounded_removal``."""
     ranked = sorted((float(s), g.id, c) for g, sc in zip(found, scores) for c, s in enumerate(sc.tolist()))
+    by_score = {g.id: [] for g in found}       # each group's channels, lowest score first
+    for _, gid, c in ranked:
+        by_score[gid].append(c)
+    channels = {g.id: g.channels for g in found}
 
     def plan(k):
-        remove = {g.id: [] for g in found}
+        counts = {g.id: 0 for g in found}
         caps = {g.id: min(g.channels - 1, int(r_max * g.channels)) for g in found}
-        for _, gid, c in ranked[:k]:
-            if len(remove[gid]) < caps[gid]:
-                remove[gid].append(c)
-        return remove
+        for _, gid, _ in ranked[:k]:
+            counts[gid] = min(counts[gid] + 1, caps[gid])
+        return {gid: by_score[gid][:allocation.rounded_removal(channels[gid], n, round_to)]
+                for gid, n in counts.items()}
 
     def achieved(k):
         pruned = copy.deepcopy(model)
@@ -133,9 +139,9 @@ def prune_step(model, arch, params, calibration, runtime, budget, dense, log) ->
             alpha, cost_aware = as_float(pp["alpha"], "prune.alpha"), bool(pp["cost_aware"])
         solved = allocation.solve(model, found, mrs, input_size=arch_size, num_classes=classes, budget=budget,
                                   metric=pp["metric"], alpha=alpha, r_max=as_float(pp["r_max"], "prune.r_max"),
-                                  cost_aware=cost_aware, dense=dense)
+                                  cost_aware=cost_aware, dense=dense, round_to=pp["round_to"])
         record["ratios"] = solved["ratios"]
-        history = allocation.apply_ratios(model, arch_size, classes, solved["ratios"])
+        history = allocation.apply_ratios(model, arch_size, classes, solved["ratios"], pp["round_to"])
     else:
         if method == "global_magnitude":
             scores = [_mean_magnitude(model, g) for g in found]
@@ -145,7 +151,7 @@ def prune_step(model, arch, params, calibration, runtime, budget, dense, log) ->
             gen = torch.Generator().manual_seed(params["seed"])
             scores = [torch.rand(g.channels, generator=gen) for g in found]
         remove, _ = _global_plan(model, found, scores, budget, pp["metric"], as_float(pp["r_max"], "prune.r_max"),
-                                 arch_size, classes, dense)
+                                 arch_size, classes, dense, pp["round_to"])
         record["ratios"] = [len(remove[g.id]) / g.channels for g in found]
         history = groups_mod.prune(graph, found, remove)
     record["scoring_seconds"] = time.perf_counter() - started  # MRS / scores + budget solve
@@ -202,7 +208,7 @@ def run_prune(params: dict, checkpoint: str | Path, run_dir: str | Path, log=pri
     splits = data_mod.load_splits(params, with_test=False)
     dense = allocation.count(model, arch["input_size"])
     allocation.check_reachable(model, arch["input_size"], arch["num_classes"], sparsity, pp["metric"],
-                               as_float(pp["r_max"], "prune.r_max"), dense)
+                               as_float(pp["r_max"], "prune.r_max"), dense, pp["round_to"])
     remove_stale_temporaries(run_dir)
     steps = completed_steps(run_dir, params)
     if steps:   # resume after the last completed step: its fine-tuned, pruned model
@@ -248,7 +254,8 @@ def run_mrs(params: dict, checkpoint: str | Path, run_dir: str | Path, log=print
     solved = allocation.solve(model, found, [r["mrs"] for r in result["groups"]], input_size=arch["input_size"],
                               num_classes=arch["num_classes"], budget=as_float(pp["sparsity"], "prune.sparsity"),
                               metric=pp["metric"], alpha=as_float(pp["alpha"], "prune.alpha"),
-                              r_max=as_float(pp["r_max"], "prune.r_max"), cost_aware=bool(pp["cost_aware"]))
+                              r_max=as_float(pp["r_max"], "prune.r_max"), cost_aware=bool(pp["cost_aware"]),
+                              round_to=pp["round_to"])
     for row, ratio in zip(result["groups"], solved["ratios"]):
         row["ratio"] = ratio
     result["allocation"] = {"sparsity": pp["sparsity"], "metric": pp["metric"], "achieved": solved["achieved"]}

@@ -64,13 +64,13 @@ COMMANDS = {
 # command line sets (dataset, arch, methods, sparsity, data paths) is not repeated here.
 _SPLITS = ["data.val_size", "data.calibration_size"]
 _FINETUNE = ["prune.steps", "prune.finetune_epochs", "prune.final_epochs", "prune.finetune_lr", "prune.metric",
-             "prune.r_max"]
+             "prune.r_max", "prune.round_to"]
 STAGE_PARAMS = {
     "data": ["data"],
     "train": ["seed", "model", "attack", "train", "data.augment"] + _SPLITS,
     "evaluate": ["seed", "attack", "evaluate"],
     "mrs": ["seed", "attack", "mrs", "prune.sparsity", "prune.metric", "prune.alpha", "prune.r_max",
-            "prune.cost_aware"] + _SPLITS,
+            "prune.cost_aware", "prune.round_to"] + _SPLITS,
     "report": [],
 }
 PRUNE_PARAMS = {  # per method: only what it reads, so a change reruns only the runs it touches

@@ -54,3 +54,43 @@ def test_unreachable_budget_is_a_clear_error():
         allocation.solve(model, found, mrs, input_size=32, num_classes=10, budget=0.9, r_max=0.2)
     with pytest.raises(MrpfError, match=r"sparsity must lie in \(0, 1\)"):
         allocation.solve(model, found, mrs, input_size=32, num_classes=10, budget=1.2)
+
+
+@pytest.mark.parametrize("channels, n, round_to, expected", [
+    (64, 21, 8, 24),    # keeps 43 -> 40
+    (64, 18, 8, 16),    # keeps 46 -> 48
+    (64, 0, 8, 0),      # a group left whole stays whole
+    (64, 63, 8, 56),    # keeps at least round_to
+    (6, 3, 8, 3),       # narrower than round_to: unchanged
+    (64, 20, 1, 20),    # round_to 1: unchanged
+])
+def test_rounded_removal_keeps_multiples(channels, n, round_to, expected):
+    assert allocation.rounded_removal(channels, n, round_to) == expected
+
+
+@pytest.mark.parametrize("name", ["vgg16_w2", "resnet18_w2"])
+def test_round_to_keeps_multiples_of_eight_and_meets_the_budget(name):
+    model, found, mrs = _setup(name)
+    out = allocation.solve(model, found, mrs, input_size=32, num_classes=10, budget=0.5, round_to=8)
+    pruned, _ = allocation.prune_copy(model, 32, 10, out["ratios"], round_to=8)
+    _, kept = groups.find_groups(pruned, 32, 10)
+    assert all(g.channels % 8 == 0 for g, dense in zip(kept, found) if dense.channels >= 8)
+    assert any(g.channels != dense.channels for g, dense in zip(kept, found))
+    achieved = 1 - allocation.count(pruned, 32)["macs"] / allocation.count(model, 32)["macs"]
+    assert 0.5 <= achieved <= 0.53, achieved
+
+
+def test_global_ranking_methods_round_too():
+    from mrpf.pruning import _global_plan
+
+    model, found, _ = _setup("vgg16_w2")
+    graph, found = groups.find_groups(model, 32, 10)
+    scores = [groups.channel_magnitude(model, g) for g in found]
+    dense = allocation.count(model, 32)
+    remove, achieved = _global_plan(model, found, scores, 0.5, "macs", 0.9, 32, 10, dense, round_to=8)
+    assert achieved >= 0.5
+    assert all((g.channels - len(remove[g.id])) % 8 == 0 for g in found if remove[g.id])
+    for g in found:   # the removed channels are the group's lowest-scored ones
+        kept_scores = [s for c, s in enumerate(scores[found.index(g)].tolist()) if c not in remove[g.id]]
+        removed_scores = [scores[found.index(g)][c].item() for c in remove[g.id]]
+        assert not removed_scores or max(removed_scores) <= min(kept_scores)
