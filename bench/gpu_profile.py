@@ -78,9 +78,10 @@ def profile_step(device: str, arch: str, bf16: bool, channels_last: bool) -> dic
     def device_us(e):
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
 
-    gpu_us = sum(device_us(e) for e in events) / 3 if device == "cuda" else 0.0
+    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(device_us(e) for e in kernels) / 3      # kernels only: op rows repeat their kernels' time
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-    n_kernels = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / 3
+    n_kernels = sum(e.count for e in kernels) / 3
     return {"bf16": bf16, "channels_last": channels_last, "step_wall_ms": wall, "step_gpu_kernel_ms": gpu_us / 1000,
             "gpu_busy_fraction": gpu_us / 1000 / wall if wall else None, "kernels_per_step": n_kernels,
             "top_host_ops": [{"op": e.key, "calls_per_step": e.count / 3, "self_cpu_ms_per_step": e.self_cpu_time_total / 3000,
