@@ -70,11 +70,12 @@ echo "== a, b: PGD-AT, same epochs for both loops, then test accuracy ($(date +%
 python3 bench/throughput.py --device $device "${size[@]}" --methods pgd_at --accuracy --epochs $epochs \
   --budget-s "$budget" --name "throughput-$tag-accuracy" | tail -n 1
 copy_out
-echo "== a: TRADES, one epoch each ($(date +%T))"
-python3 bench/throughput.py --device $device "${size[@]}" --methods trades --rounds 1 --name "throughput-$tag-trades" | tail -n 1
+echo "== a: TRADES, one epoch each after a discarded warm-up epoch ($(date +%T))"
+python3 bench/throughput.py --device $device "${size[@]}" --methods trades --warmup-rounds 1 --rounds 1 \
+  --name "throughput-$tag-trades" | tail -n 1
 copy_out
 echo "== a: PGD-AT with mrpf's bf16 off ($(date +%T))"
-python3 bench/throughput.py --device $device "${size[@]}" --methods pgd_at --rounds 1 --bf16 off \
+python3 bench/throughput.py --device $device "${size[@]}" --methods pgd_at --warmup-rounds 1 --rounds 1 --bf16 off \
   --name "throughput-$tag-fp32" | tail -n 1
 copy_out
 

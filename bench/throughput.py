@@ -209,9 +209,10 @@ def throughput_run(args, npz: Path, method: str, bf16: bool, folder: Path) -> di
     """One epoch of each loop, interleaved over rounds so drift in machine speed hits both."""
     params = bench_params(npz, method, args.arch, args.steps, args.batch, args.device, bf16, 1)
     ours, ref = [], []
-    for i in range(args.rounds):
-        ref += reference_train(params, npz)[1]
-        ours += mrpf_train(params, folder / f"{method}-{i}")[1]
+    for i in range(args.warmup_rounds + args.rounds):
+        r, o = reference_train(params, npz)[1], mrpf_train(params, folder / f"{method}-{i}")[1]
+        if i >= args.warmup_rounds:    # warm-up rounds: cuDNN autotuning, allocator, first-call costs
+            ref, ours = ref + r, ours + o
     return {"mrpf_images_per_s": float(np.median(ours)), "reference_images_per_s": float(np.median(ref)),
             "ratio": float(np.median(ours) / np.median(ref)), "rounds": {"mrpf": ours, "reference": ref}}
 
@@ -252,6 +253,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--images", type=int, default=2560)
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median is reported")
+    p.add_argument("--warmup-rounds", type=int, default=0,
+                   help="interleaved rounds run first and discarded (on a GPU: cuDNN autotuning)")
     p.add_argument("--bf16", choices=["on", "off"], default=None,
                    help="mrpf's bf16 autocast (default: on for CUDA, off for CPU); the reference stays fp32")
     p.add_argument("--methods", nargs="+", default=["pgd_at", "trades"], choices=["pgd_at", "trades"])
