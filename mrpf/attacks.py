@@ -80,10 +80,19 @@ def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return delta * (eps / _l2_norm(delta)).clamp(max=1.0)
 
 
+def _gaussian_like(x: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise in x's shape and memory layout. Drawn in NCHW order, then laid
+    out like x: ``randn_like`` on a channels_last batch took 18.8 ms on this project's CPU
+    against 2.7 ms this way (128 x 3 x 32 x 32), 8 % of a TRADES training step."""
+    layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() \
+        and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device).contiguous(memory_format=layout)
+
+
 def _random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     if norm == "linf":
         return torch.empty_like(x).uniform_(-eps, eps)
-    direction = torch.randn_like(x)
+    direction = _gaussian_like(x)
     radius = torch.rand(x.shape[0], device=x.device).view(-1, 1, 1, 1) * eps
     return direction / _l2_norm(direction) * radius
 
@@ -146,7 +155,7 @@ def trades_adversary(model: nn.Module, x: torch.Tensor, *, eps: float, step_size
         with torch.no_grad():
             p_clean = F.softmax(net(x), dim=1)
         objective = lambda logits: F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="none").sum(1)  # noqa: E731
-        return _ascend(net, x, 0.001 * torch.randn_like(x), objective, eps, step_size, steps, norm)
+        return _ascend(net, x, 0.001 * _gaussian_like(x), objective, eps, step_size, steps, norm)
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
