@@ -40,8 +40,12 @@ def write(name: str, result: dict) -> Path:
     return path
 
 
-def timed(fn, repeats: int = 1) -> float:
+def timed(fn, repeats: int = 1, device: str = "cpu") -> float:
+    """Mean seconds per call of ``fn``; on CUDA, queued kernels are waited for before and after."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    sync()
     return (time.perf_counter() - start) / repeats

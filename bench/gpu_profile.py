@@ -26,37 +26,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write  # noqa: E402
-from throughput import EPS, bench_params, mrpf_train, reference_train, subset_npz  # noqa: E402
+from common import ROOT, timed, write  # noqa: E402
+from throughput import bench_params, mrpf_train, reference_train, subset_npz, training_step  # noqa: E402
 
 from mrpf import groups as groups_mod  # noqa: E402
 from mrpf.devices import setup  # noqa: E402
 from mrpf.evaluation import load_model  # noqa: E402
 from mrpf.models import build_model  # noqa: E402
-from mrpf.objectives import OBJECTIVES, Adversary  # noqa: E402
-
-
-def step_runner(model, runtime, batch: int, steps: int):
-    x = torch.rand(batch, 3, 32, 32, device=runtime.device).contiguous(memory_format=runtime.memory_format)
-    y = torch.randint(0, 10, (batch,), device=runtime.device)
-    adversary = Adversary(eps=EPS, step_size=2.5 * EPS / steps, steps=steps)
-
-    def run():
-        with runtime.autocast():
-            loss, _ = OBJECTIVES["pgd_at"](model, x, y, adversary, 6.0)
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-    return run
-
-
-def time_ms(fn, repeats: int, device: str) -> float:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return 1000 * (time.perf_counter() - start) / repeats
 
 
 def profile_step(device: str, arch: str, bf16: bool, channels_last: bool) -> dict:
@@ -64,11 +40,11 @@ def profile_step(device: str, arch: str, bf16: bool, channels_last: bool) -> dic
 
     runtime = setup({"name": device, "threads": None, "channels_last": channels_last, "bf16": bf16})
     model = runtime.prepare(build_model(arch, 10, 32)).train()
-    run = step_runner(model, runtime, 128, 10)
+    run = training_step(model, runtime, "pgd_at", 128, 10)
     for _ in range(3):
         run()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    wall = time_ms(run, 5, device)
+    wall = 1000 * timed(run, 5, device)
     with profile(activities=activities) as prof:
         for _ in range(3):
             run()
@@ -103,21 +79,8 @@ def rounded_copy(dense: torch.nn.Module, pruned: torch.nn.Module, size: int, cla
     return model
 
 
-def latency(model, size: int, runtime, dtype, batch: int, repeats: int = 20) -> float:
-    """Median forward time (ms) of one batch in ``dtype``, after warm-up."""
-    x = torch.rand(batch, 3, size, size, device=runtime.device, dtype=dtype).contiguous(
-        memory_format=runtime.memory_format)
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 3):
-            ms = time_ms(lambda: model(x), 1, runtime.device.type)
-            if i >= 3:
-                times.append(ms)
-    return sorted(times)[len(times) // 2]
-
-
 def latency_table(device: str, batch: int) -> list[dict]:
-    from mrpf.evaluation import count_macs
+    from mrpf.evaluation import count_macs, latency_ms
 
     base = ROOT / ".gpu" / "ckpt" if (ROOT / ".gpu" / "ckpt").is_dir() else None
     if base is None:
@@ -138,7 +101,7 @@ def latency_table(device: str, batch: int) -> list[dict]:
             ms = {}
             for name, model in models.items():
                 m = runtime.prepare(copy.deepcopy(model)).eval().to(dtype)
-                ms[name] = min(latency(m, size, runtime, dtype, batch) for _ in range(2))
+                ms[name] = min(latency_ms(m, size, runtime, batch, 20, dtype) for _ in range(2))
             macs = {name: count_macs(runtime.prepare(copy.deepcopy(m)).eval(), size, runtime.device)
                     for name, m in models.items()}
             for name in models:
@@ -155,11 +118,12 @@ def main() -> None:
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--images", type=int, default=5120)
     p.add_argument("--latency-batch", type=int, default=2048)
+    p.add_argument("--name", default=None, help="results file name (default: gpu-profile-DEVICE)")
     p.add_argument("--deadline-s", type=float, default=200)
     args = p.parse_args()
     start = time.monotonic()
     result: dict = {"device": args.device, "arch": args.arch, "k": 10, "batch": 128, "images": args.images}
-    name = f"gpu-profile-{args.device}"
+    name = args.name or f"gpu-profile-{args.device}"
     with tempfile.TemporaryDirectory() as tmp:
         npz = subset_npz(args.images, Path(tmp))
         loops = []
@@ -168,6 +132,7 @@ def main() -> None:
         params = bench_params(npz, "pgd_at", args.arch, 10, 128, args.device, False, 2)
         loops.append({"loop": "reference (fp32, NCHW, DataLoader)",
                       "images_per_s": reference_train(params, npz)[1][-1]})
+        fold_setting = os.environ.get("MRPF_FOLD_BN")
         configs = [(bf16, cl, "1") for bf16 in (False, True) for cl in (False, True)] + [(True, True, "0"), (True, False, "0")]
         for bf16, channels_last, fold in configs:
             os.environ["MRPF_FOLD_BN"] = fold
@@ -177,7 +142,10 @@ def main() -> None:
             loops.append({"loop": f"mrpf bf16={bf16} channels_last={channels_last} fold_bn={fold == '1'}",
                           "images_per_s": rates[-1]})
             print(loops[-1], flush=True)
-        os.environ["MRPF_FOLD_BN"] = "1"
+        if fold_setting is None:      # the later parts run as the caller's environment says
+            os.environ.pop("MRPF_FOLD_BN", None)
+        else:
+            os.environ["MRPF_FOLD_BN"] = fold_setting
         result["loops"] = loops
     write(name, result)
     for part, run in (("profile", lambda: [profile_step(args.device, args.arch, bf16, cl)
@@ -191,15 +159,15 @@ def main() -> None:
     if time.monotonic() - start < args.deadline_s:
         runtime = setup({"name": args.device, "threads": None, "channels_last": False, "bf16": True})
         model = runtime.prepare(build_model(args.arch, 10, 32)).train()
-        eager = time_ms(step_runner(model, runtime, 128, 10), 5, args.device)
+        eager = 1000 * timed(training_step(model, runtime, "pgd_at", 128, 10), 5, args.device)
         compiled = torch.compile(model)
-        run = step_runner(compiled, runtime, 128, 10)
+        run = training_step(compiled, runtime, "pgd_at", 128, 10)
         t0 = time.perf_counter()
         run()
         run()
         compile_s = time.perf_counter() - t0
         result["compile"] = {"bf16": True, "channels_last": False, "eager_step_ms": eager, "compile_and_2_steps_s": compile_s,
-                             "compiled_step_ms": time_ms(run, 10, args.device)}
+                             "compiled_step_ms": 1000 * timed(run, 10, args.device)}
         write(name, result)
 
 

@@ -217,32 +217,33 @@ def throughput_run(args, npz: Path, method: str, bf16: bool, folder: Path) -> di
             "ratio": float(np.median(ours) / np.median(ref)), "rounds": {"mrpf": ours, "reference": ref}}
 
 
-def step_efficiency(arch: str, steps: int, batch: int, device: str, bf16: bool, repeats: int = 10) -> dict:
-    """b: one PGD-k training step vs (k+1) clean forward-backward steps, in mrpf's own setting."""
+def training_step(model, runtime, method: str, batch: int, steps: int):
+    """One training step of ``method`` (objective, then backward) on a fixed random batch, as a callable."""
     from mrpf.objectives import OBJECTIVES, Adversary
 
-    runtime = setup({"name": device, "threads": None, "channels_last": True, "bf16": bf16})
-    model = runtime.prepare(build_model(arch, 10, 32)).train()
     x = torch.rand(batch, 3, 32, 32, device=runtime.device).contiguous(memory_format=runtime.memory_format)
     y = torch.randint(0, 10, (batch,), device=runtime.device)
     adversary = Adversary(eps=EPS, step_size=2.5 * EPS / steps, steps=steps)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def step(method):
-        def run():
-            with runtime.autocast():
-                loss, _ = OBJECTIVES[method](model, x, y, adversary, 6.0)
-            model.zero_grad(set_to_none=True)
-            loss.backward()
-            sync()
-        return run
+    def run():
+        with runtime.autocast():
+            loss, _ = OBJECTIVES[method](model, x, y, adversary, 6.0)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+    return run
 
-    for method in ("clean", "pgd_at"):
-        timed(step(method), 3)   # warm-up
-    clean = timed(step("clean"), repeats * 2)
-    pgd_step = timed(step("pgd_at"), repeats)
-    return {"clean_step_ms": 1000 * clean, "pgd_step_ms": 1000 * pgd_step, "k": steps,
-            "step_efficiency": (steps + 1) * clean / pgd_step}
+
+def step_efficiency(arch: str, steps: int, batch: int, device: str, bf16: bool, repeats: int = 10) -> dict:
+    """b: one PGD-k training step vs (k+1) clean forward-backward steps, in mrpf's own setting."""
+    runtime = setup({"name": device, "threads": None, "channels_last": True, "bf16": bf16})
+    model = runtime.prepare(build_model(arch, 10, 32)).train()
+    clean_step, pgd_step = (training_step(model, runtime, m, batch, steps) for m in ("clean", "pgd_at"))
+    timed(clean_step, 3, device)   # warm-up
+    timed(pgd_step, 3, device)
+    clean = timed(clean_step, repeats * 2, device)
+    pgd = timed(pgd_step, repeats, device)
+    return {"clean_step_ms": 1000 * clean, "pgd_step_ms": 1000 * pgd, "k": steps,
+            "step_efficiency": (steps + 1) * clean / pgd}
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from .errors import MrpfError
 class Runtime:
     device: torch.device
     channels_last: bool
-    bf16: bool          # autocast to bfloat16 for training (CUDA only); evaluation stays fp32
+    bf16: bool          # autocast to bfloat16 for training (CUDA, or a CPU with bf16 support); evaluation stays fp32
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -24,8 +24,8 @@ class Runtime:
 
     def autocast(self):
         """bf16 autocast when asked for (CUDA; or a CPU with AMX / AVX512-BF16, where oneDNN
-        runs bf16 convolutions: PGD-AT 1.43x the fp32 reference loop here, `python bench/throughput.py
-        --bf16 on`); a no-op otherwise."""
+        runs bf16 convolutions; `python bench/throughput.py --bf16 on`, docs/performance.md);
+        a no-op otherwise."""
         if self.bf16 and self.device.type in ("cuda", "cpu"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()

@@ -44,9 +44,10 @@ def count_macs(model: torch.nn.Module, input_size: int, device: torch.device) ->
     return int(macs)
 
 
-def latency_ms(model: torch.nn.Module, input_size: int, runtime: devices.Runtime, batch: int, repeats: int) -> float:
-    """Median wall time (ms) of one forward pass on a batch, after warm-up."""
-    x = torch.rand(batch, 3, input_size, input_size, device=runtime.device).contiguous(
+def latency_ms(model: torch.nn.Module, input_size: int, runtime: devices.Runtime, batch: int, repeats: int,
+               dtype: torch.dtype = torch.float32) -> float:
+    """Median wall time (ms) of one forward pass on a batch (inputs in ``dtype``, the model's), after warm-up."""
+    x = torch.rand(batch, 3, input_size, input_size, device=runtime.device, dtype=dtype).contiguous(
         memory_format=runtime.memory_format)
     sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
     times = []
