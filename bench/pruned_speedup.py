@@ -35,9 +35,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cuda-graphs", choices=["on", "off"], default="on",
+                   help="on CUDA: time the forward pass replayed from a CUDA graph (mrpf's default) or eagerly")
     p.add_argument("--name", default=None, help="results file name (default: pruned-speedup-DEVICE)")
     args = p.parse_args()
-    runtime = setup({"name": args.device, "threads": None, "channels_last": True, "bf16": False})
+    runtime = setup({"name": args.device, "threads": None, "channels_last": True, "bf16": False,
+                     "cuda_graphs": args.cuda_graphs == "on"})
     paths = [ROOT / args.dense] + [ROOT / q for q in args.pruned]
     models = {}
     for path in paths:
@@ -60,8 +63,9 @@ def main() -> None:
         speedup, macs_ratio = dense_ms / ms, dense_macs / macs
         rows.append({"model": str(path.relative_to(ROOT).parent), "latency_ms": ms, "macs": macs,
                      "speedup": speedup, "macs_ratio": macs_ratio, "speedup_over_macs_ratio": speedup / macs_ratio})
-    write(args.name or f"pruned-speedup-{args.device}", {"batch": args.batch, "dense": {"latency_ms": dense_ms, "macs": dense_macs},
-                                            "pruned": rows})
+    write(args.name or f"pruned-speedup-{args.device}",
+          {"batch": args.batch, "cuda_graphs": args.device.startswith("cuda") and args.cuda_graphs == "on",
+           "dense": {"latency_ms": dense_ms, "macs": dense_macs}, "pruned": rows})
 
 
 if __name__ == "__main__":

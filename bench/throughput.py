@@ -60,12 +60,18 @@ def subset_npz(n: int, folder: Path, split: str = "train") -> Path:
 
 
 def bench_params(npz: Path, method: str, arch: str, steps: int, batch: int, device: str, bf16: bool,
-                 epochs: int) -> dict:
+                 epochs: int, cuda_graphs: bool = True) -> dict:
     """mrpf's parameters for the run; the reference loop reads its recipe from them too."""
     return load_params(None, [f"data.train_path={npz}", "data.val_size=64", "data.calibration_size=0",
                               f"model.arch={arch}", f"train.method={method}", f"train.epochs={epochs}",
                               f"train.steps={steps}", f"train.batch_size={batch}", "train.val_pgd_steps=0",
-                              f"device.name={device}", f"device.bf16={'true' if bf16 else 'false'}"])
+                              f"device.name={device}", f"device.bf16={str(bf16).lower()}",
+                              f"device.cuda_graphs={str(cuda_graphs).lower()}"])
+
+
+def params_of(args, npz: Path, method: str, bf16: bool, epochs: int) -> dict:
+    return bench_params(npz, method, args.arch, args.steps, args.batch, args.device, bf16, epochs,
+                        args.cuda_graphs == "on")
 
 
 def mrpf_train(params: dict, folder: Path) -> tuple[Path, list[float]]:
@@ -190,9 +196,9 @@ def affordable_epochs(params: dict, npz: Path, budget_s: float, wanted: int) -> 
 
 def accuracy_run(args, npz: Path, test_npz: Path, method: str, bf16: bool, folder: Path) -> dict:
     """Both loops for the same epochs, then the same evaluation of both models."""
-    params = bench_params(npz, method, args.arch, args.steps, args.batch, args.device, bf16, args.epochs)
+    params = params_of(args, npz, method, bf16, args.epochs)
     epochs = affordable_epochs(params, npz, args.budget_s, args.epochs) if args.budget_s else args.epochs
-    params = bench_params(npz, method, args.arch, args.steps, args.batch, args.device, bf16, epochs)
+    params = params_of(args, npz, method, bf16, epochs)
     ref_model, ref_rates = reference_train(params, npz)
     checkpoint, our_rates = mrpf_train(params, folder / method)
     our_model, _ = load_model(checkpoint, setup(params["device"]))
@@ -207,7 +213,7 @@ def accuracy_run(args, npz: Path, test_npz: Path, method: str, bf16: bool, folde
 
 def throughput_run(args, npz: Path, method: str, bf16: bool, folder: Path) -> dict:
     """One epoch of each loop, interleaved over rounds so drift in machine speed hits both."""
-    params = bench_params(npz, method, args.arch, args.steps, args.batch, args.device, bf16, 1)
+    params = params_of(args, npz, method, bf16, 1)
     ours, ref = [], []
     for i in range(args.warmup_rounds + args.rounds):
         r, o = reference_train(params, npz)[1], mrpf_train(params, folder / f"{method}-{i}")[1]
@@ -258,6 +264,8 @@ def main() -> None:
                    help="interleaved rounds run first and discarded (on a GPU: cuDNN autotuning)")
     p.add_argument("--bf16", choices=["on", "off"], default=None,
                    help="mrpf's bf16 autocast (default: on for CUDA, off for CPU); the reference stays fp32")
+    p.add_argument("--cuda-graphs", choices=["on", "off"], default="on",
+                   help="mrpf's device.cuda_graphs (CUDA only): replay each training step from a CUDA graph")
     p.add_argument("--methods", nargs="+", default=["pgd_at", "trades"], choices=["pgd_at", "trades"])
     p.add_argument("--accuracy", action="store_true",
                    help="train both loops for --epochs, then compare test accuracy (clean, PGD-20)")
@@ -269,7 +277,8 @@ def main() -> None:
     args = p.parse_args()
     bf16 = (args.bf16 or ("on" if args.device == "cuda" else "off")) == "on"
     result = {"arch": args.arch, "k": args.steps, "batch": args.batch, "images": args.images,
-              "device": args.device, "mrpf_bf16": bf16}
+              "device": args.device, "mrpf_bf16": bf16,
+              "mrpf_cuda_graphs": args.device.startswith("cuda") and args.cuda_graphs == "on"}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         npz = subset_npz(args.images, folder)

@@ -128,17 +128,22 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
     """
     per_example = _per_example_loss(loss)
     with attack_mode(model) as net:
+        def attack_once() -> torch.Tensor:
+            start = _random_start(x, eps, norm) if random_start else torch.zeros_like(x)
+            return _ascend(net, x, start, lambda logits: per_example(logits, y), eps, step_size, steps, norm)
+
+        if restarts == 1:  # nothing to select: no extra forward pass, no host sync (CUDA graphs need none)
+            return attack_once()
         best = x.clone()
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(restarts):
-            start = _random_start(x, eps, norm) if random_start else torch.zeros_like(x)
-            x_adv = _ascend(net, x, start, lambda logits: per_example(logits, y), eps, step_size, steps, norm)
+            x_adv = attack_once()
             with torch.no_grad():
                 wrong = net(x_adv).argmax(1) != y
-            take = wrong & ~fooled if restarts > 1 else torch.ones_like(fooled)
+            take = wrong & ~fooled
             best[take] = x_adv[take]
             fooled |= wrong
-            if restarts > 1 and bool(fooled.all()):
+            if bool(fooled.all()):
                 break
         return best
 

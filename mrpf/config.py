@@ -92,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
         "threads": None,            # CPU threads (None: torch's default)
         "channels_last": True,      # measured +27 % on PGD steps on a 2-core CPU
         "bf16": False,              # bf16 autocast for training (CUDA, or a CPU with AMX/AVX512-BF16)
+        "cuda_graphs": True,        # on CUDA: replay each training step from a CUDA graph
     },
 }
 

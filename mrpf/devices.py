@@ -1,4 +1,4 @@
-"""Device choice, thread count, channels_last and bf16 autocast."""
+"""Device choice, thread count, channels_last, bf16 autocast and CUDA graphs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import torch
 
 from . import gpu_slots
+from .config import DEFAULTS
 from .errors import MrpfError
 
 
@@ -17,17 +18,18 @@ class Runtime:
     device: torch.device
     channels_last: bool
     bf16: bool          # autocast to bfloat16 for training (CUDA, or a CPU with bf16 support); evaluation stays fp32
+    cuda_graphs: bool = False  # replay each training step from a CUDA graph (mrpf/gradient_step.py); CUDA only
 
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
-    def autocast(self):
+    def autocast(self, cache_enabled: bool = True):
         """bf16 autocast when asked for (CUDA; or a CPU with AMX / AVX512-BF16, where oneDNN
         runs bf16 convolutions; `python bench/throughput.py --bf16 on`, docs/performance.md);
-        a no-op otherwise."""
+        a no-op otherwise. ``cache_enabled=False`` while a CUDA graph is captured."""
         if self.bf16 and self.device.type in ("cuda", "cpu"):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
         return contextlib.nullcontext()
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -69,4 +71,7 @@ def setup(device_params: dict, log=None) -> Runtime:
         torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    return Runtime(device, bool(device_params["channels_last"]), bool(device_params["bf16"]))
+    graphs = device_params.get("cuda_graphs", DEFAULTS["device"]["cuda_graphs"])   # dicts written by hand may omit it
+    if not isinstance(graphs, bool):
+        raise MrpfError(f"device.cuda_graphs: expected true or false, got {graphs!r}")
+    return Runtime(device, bool(device_params["channels_last"]), bool(device_params["bf16"]), graphs)

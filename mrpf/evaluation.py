@@ -46,16 +46,35 @@ def count_macs(model: torch.nn.Module, input_size: int, device: torch.device) ->
 
 def latency_ms(model: torch.nn.Module, input_size: int, runtime: devices.Runtime, batch: int, repeats: int,
                dtype: torch.dtype = torch.float32) -> float:
-    """Median wall time (ms) of one forward pass on a batch (inputs in ``dtype``, the model's), after warm-up."""
+    """Median wall time (ms) of one forward pass on a batch (inputs in ``dtype``, the model's), after warm-up.
+
+    On CUDA with ``device.cuda_graphs`` the forward pass is captured once and replayed from a
+    CUDA graph: the time the GPU needs, without eager PyTorch's launch cost per op, which
+    dominates small models there (docs/performance.md); it is what a deployment through CUDA
+    graphs or TensorRT pays.
+    """
     x = torch.rand(batch, 3, input_size, input_size, device=runtime.device, dtype=dtype).contiguous(
         memory_format=runtime.memory_format)
-    sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
-    times = []
+    cuda = runtime.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    forward = lambda: model(x)  # noqa: E731
     with torch.no_grad():
+        if cuda and runtime.cuda_graphs:
+            side = torch.cuda.Stream(runtime.device)    # warm-up off the capturing stream (cuDNN autotuning)
+            side.wait_stream(torch.cuda.current_stream(runtime.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    model(x)
+            torch.cuda.current_stream(runtime.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                model(x)
+            forward = graph.replay
+        times = []
         for i in range(repeats + 3):
             sync()
             t0 = time.perf_counter()
-            model(x)
+            forward()
             sync()
             if i >= 3:
                 times.append((time.perf_counter() - t0) * 1000)

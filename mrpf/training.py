@@ -21,6 +21,7 @@ from . import devices
 from .attacks import pgd
 from .config import as_float
 from .errors import MrpfError
+from .gradient_step import GradientStep
 from .io import atomic_path, crash_point, load_checkpoint, remove_stale_temporaries, save_checkpoint, write_json
 from .models import arch_description, instantiate
 from .objectives import OBJECTIVES, Adversary
@@ -194,6 +195,8 @@ def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Modul
     train_images = data_mod.Batches(splits.train, tp["batch_size"], runtime.device, shuffle=True,
                                     spec=spec if params["data"]["augment"] else None,
                                     channels_last=runtime.channels_last)
+    # objective and backward of each batch; on CUDA replayed from a CUDA graph (device.cuda_graphs)
+    gradients = GradientStep(model, objective, adversary, as_float(tp["beta"], "train.beta"), runtime, log)
     for epoch in range(start_epoch, tp["epochs"]):
         torch.manual_seed(params["seed"] * 100_003 + epoch)      # attack random starts of this epoch
         train_images.seed = params["seed"] * 1_000_003 + epoch     # shuffling and augmentation of this epoch
@@ -205,14 +208,11 @@ def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Modul
         progress = _Progress(len(train_images), f"epoch {epoch + 1}/{tp['epochs']}")
         for batch, (x, y) in enumerate(train_images):
             crash_point("batch")
-            with runtime.autocast():
-                loss, logits = objective(model, x, y, adversary, as_float(tp["beta"], "train.beta"))
+            loss, logits = gradients(x, y)
             if not torch.isfinite(loss):
                 progress.close()
                 raise MrpfError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, batch {batch + 1} "
                                 f"(lower train.lr?); no checkpoint of this epoch was written")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             optimizer.step()
             if ema is not None:
                 ema.update_parameters(model)

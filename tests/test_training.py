@@ -178,10 +178,36 @@ def test_cli_train_then_evaluate(tiny_data, tmp_path):
     assert outcomes["pgd"].mean() == pytest.approx(metrics["pgd_acc"])
 
 
+def test_gradient_step_on_the_cpu_is_objective_then_backward():
+    """device.cuda_graphs applies to CUDA only: on the CPU each call is the plain eager step
+    (the graph path is tested against the eager one in tests/test_cuda.py)."""
+    from mrpf.gradient_step import GradientStep
+    from mrpf.objectives import OBJECTIVES, Adversary
+
+    torch.manual_seed(0)
+    model = CPU.prepare(build_model("vgg11_w8", 10, 32)).train()
+    x = torch.rand(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(8) % 10
+    adversary = Adversary(eps=8 / 255, step_size=2 / 255, steps=2)
+    step = GradientStep(model, OBJECTIVES["pgd_at"], adversary, 6.0, CPU, log=quiet, warmup=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}     # BN statistics move in train mode
+    torch.manual_seed(1)
+    loss, _ = step(x, y)
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.load_state_dict(before)
+    torch.manual_seed(1)
+    model.zero_grad(set_to_none=True)
+    reference, _ = OBJECTIVES["pgd_at"](model, x, y, adversary, 6.0)
+    reference.backward()
+    assert step.graph is None and torch.equal(loss, reference.detach())
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--run", "x", "train.epochs=-1"], "train.epochs: expected a non-negative integer"),
     (["train", "--run", "x", "model.arch=resnet99"], "model.arch: unknown architecture 'resnet99'"),
     (["train", "--run", "x", "--device", "cuda:7"], "device.name"),
+    (["train", "--run", "x", "device.cuda_graphs=maybe"], "device.cuda_graphs: expected true or false"),
     (["train", "--run", "x", "data.calibration_size=1000"], "calibration_size=1000 is larger than the training split"),
     (["evaluate", "--run", "missing"], "no such file"),
 ])
