@@ -1,0 +1,89 @@
+"""Benchmark c at full width: is a pruned ResNet-18 / VGG-16 faster in proportion to its MACs?
+
+bench/pruned_speedup.py measures the project's trained VGG-11/2 checkpoints, which are small
+enough that an H100 runs them far below its compute peak. Latency depends on the channel
+counts only, not on the weights, so this script prunes randomly initialised full-width
+models to 50 % and 70 % fewer MACs (kept channels rounded to multiples of 8, as
+``prune.round_to`` does on the paper grid) in two shapes, and times them like c:
+
+- ``uniform``: every group loses the same fraction (the budget solver with alpha = 0);
+- ``deep``: deeper groups lose more (synthetic MRS falling with depth, alpha = 1), the shape
+  MRPF gave VGG-11, whose early layers came out most sensitive.
+
+    python bench/pruned_width.py [--archs resnet18 vgg16] [--batches 256 2048] [--device cuda]
+Results: bench/results/pruned-width-DEVICE.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write  # noqa: E402
+
+from mrpf import groups as groups_mod  # noqa: E402
+from mrpf.allocation import prune_copy, solve  # noqa: E402
+from mrpf.devices import setup  # noqa: E402
+from mrpf.evaluation import count_macs, latency_ms  # noqa: E402
+from mrpf.models import build_model  # noqa: E402
+
+
+def pruned_models(arch: str, budgets: list[float]) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    dense = build_model(arch, 10, 32).eval()
+    _, found = groups_mod.find_groups(dense, 32, 10)
+    models = {"dense": dense}
+    shapes = {"uniform": ([1.0] * len(found), 0.0, False),
+              "deep": ([1.0 / (i + 1) for i in range(len(found))], 1.0, True)}
+    for budget in budgets:
+        for shape, (mrs, alpha, cost_aware) in shapes.items():
+            plan = solve(dense, found, mrs, input_size=32, num_classes=10, budget=budget, alpha=alpha,
+                         cost_aware=cost_aware, round_to=8)
+            models[f"{shape}-{budget}"] = prune_copy(dense, 32, 10, plan["ratios"], 8)[0]
+    return models
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", nargs="+", default=["resnet18", "vgg16"])
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.7])
+    p.add_argument("--batches", nargs="+", type=int, default=[256, 2048])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--name", default=None)
+    args = p.parse_args()
+    rows = []
+    for arch in args.archs:
+        models = pruned_models(arch, args.budgets)
+        for bf16 in (False, True):
+            runtime = setup({"name": args.device, "threads": None, "channels_last": True, "bf16": bf16})
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            ready = {name: runtime.prepare(m).to(dtype) for name, m in models.items()}
+            macs = {name: count_macs(m.float(), 32, runtime.device) for name, m in ready.items()}
+            ready = {name: m.to(dtype) for name, m in ready.items()}
+            for batch in args.batches:
+                times = {name: [] for name in ready}
+                for _ in range(args.rounds):     # interleaved: drift in machine speed hits every model
+                    for name, m in ready.items():
+                        times[name].append(latency_ms(m, 32, runtime, batch, args.repeats, dtype))
+                dense_ms = statistics.median(times["dense"])
+                for name in ready:
+                    ms = statistics.median(times[name])
+                    ratio = macs["dense"] / macs[name]
+                    rows.append({"arch": arch, "model": name, "bf16": bf16, "batch": batch, "latency_ms": ms,
+                                 "macs": macs[name], "speedup": dense_ms / ms, "macs_ratio": ratio,
+                                 "speedup_over_macs_ratio": dense_ms / ms / ratio})
+                    print(f"{arch} {'bf16' if bf16 else 'fp32'} batch {batch} {name}: {ms:.3f} ms, "
+                          f"speedup {dense_ms / ms:.2f} / MACs ratio {ratio:.2f} = {dense_ms / ms / ratio:.2f}",
+                          flush=True)
+    write(args.name or f"pruned-width-{args.device}", {"channels_last": True, "round_to": 8, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
