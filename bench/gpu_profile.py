@@ -9,7 +9,8 @@
    kept channels rounded up to a multiple of 8 (tensor-core friendly), fp32/bf16 x NCHW/NHWC.
 4. torch.compile of the model for the same PGD step (compile time, then step time).
 
-    python bench/gpu_profile.py [--images 5120] [--deadline-s 200]
+    python bench/gpu_profile.py [--images 5120] [--deadline-s 200] [--parts loops profile latency compile]
+        [--latency-batch 2048 ...]
 Results: bench/results/gpu-profile-DEVICE.json, written after every part.
 """
 
@@ -112,12 +113,40 @@ def latency_table(device: str, batch: int) -> list[dict]:
     return rows
 
 
+def loop_rates(args, tmp: Path) -> list[dict]:
+    """Part 1: the second of two epochs of each loop configuration."""
+    npz = subset_npz(args.images, tmp)
+    loops = []
+    # two epochs each, the second reported: the first carries cuDNN autotuning for each
+    # new layout and dtype (run 2 on the H100 showed one-epoch figures depend on order)
+    params = bench_params(npz, "pgd_at", args.arch, 10, 128, args.device, False, 2)
+    loops.append({"loop": "reference (fp32, NCHW, DataLoader)",
+                  "images_per_s": reference_train(params, npz)[1][-1]})
+    fold_setting = os.environ.get("MRPF_FOLD_BN")
+    configs = [(bf16, cl, "1") for bf16 in (False, True) for cl in (False, True)] + [(True, True, "0"), (True, False, "0")]
+    for bf16, channels_last, fold in configs:
+        os.environ["MRPF_FOLD_BN"] = fold
+        params = bench_params(npz, "pgd_at", args.arch, 10, 128, args.device, bf16, 2)
+        params["device"]["channels_last"] = channels_last
+        _, rates = mrpf_train(params, tmp / f"{bf16}-{channels_last}-{fold}")
+        loops.append({"loop": f"mrpf bf16={bf16} channels_last={channels_last} fold_bn={fold == '1'}",
+                      "images_per_s": rates[-1]})
+        print(loops[-1], flush=True)
+    if fold_setting is None:      # the later parts run as the caller's environment says
+        os.environ.pop("MRPF_FOLD_BN", None)
+    else:
+        os.environ["MRPF_FOLD_BN"] = fold_setting
+    return loops
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--images", type=int, default=5120)
-    p.add_argument("--latency-batch", type=int, default=2048)
+    p.add_argument("--latency-batch", type=int, nargs="+", default=[2048])
+    p.add_argument("--parts", nargs="+", choices=["loops", "profile", "latency", "compile"],
+                   default=["loops", "profile", "latency", "compile"])
     p.add_argument("--name", default=None, help="results file name (default: gpu-profile-DEVICE)")
     p.add_argument("--deadline-s", type=float, default=200)
     args = p.parse_args()
@@ -125,38 +154,21 @@ def main() -> None:
     result: dict = {"device": args.device, "arch": args.arch, "k": 10, "batch": 128, "images": args.images}
     name = args.name or f"gpu-profile-{args.device}"
     with tempfile.TemporaryDirectory() as tmp:
-        npz = subset_npz(args.images, Path(tmp))
-        loops = []
-        # two epochs each, the second reported: the first carries cuDNN autotuning for each
-        # new layout and dtype (run 2 on the H100 showed one-epoch figures depend on order)
-        params = bench_params(npz, "pgd_at", args.arch, 10, 128, args.device, False, 2)
-        loops.append({"loop": "reference (fp32, NCHW, DataLoader)",
-                      "images_per_s": reference_train(params, npz)[1][-1]})
-        fold_setting = os.environ.get("MRPF_FOLD_BN")
-        configs = [(bf16, cl, "1") for bf16 in (False, True) for cl in (False, True)] + [(True, True, "0"), (True, False, "0")]
-        for bf16, channels_last, fold in configs:
-            os.environ["MRPF_FOLD_BN"] = fold
-            params = bench_params(npz, "pgd_at", args.arch, 10, 128, args.device, bf16, 2)
-            params["device"]["channels_last"] = channels_last
-            _, rates = mrpf_train(params, Path(tmp) / f"{bf16}-{channels_last}-{fold}")
-            loops.append({"loop": f"mrpf bf16={bf16} channels_last={channels_last} fold_bn={fold == '1'}",
-                          "images_per_s": rates[-1]})
-            print(loops[-1], flush=True)
-        if fold_setting is None:      # the later parts run as the caller's environment says
-            os.environ.pop("MRPF_FOLD_BN", None)
-        else:
-            os.environ["MRPF_FOLD_BN"] = fold_setting
-        result["loops"] = loops
+        if "loops" in args.parts:
+            result["loops"] = loop_rates(args, Path(tmp))
     write(name, result)
     for part, run in (("profile", lambda: [profile_step(args.device, args.arch, bf16, cl)
                                            for bf16, cl in ((False, False), (True, True))]),
-                      ("latency", lambda: latency_table(args.device, args.latency_batch))):
+                      ("latency", lambda: [row for batch in args.latency_batch
+                                           for row in latency_table(args.device, batch)])):
+        if part not in args.parts:
+            continue
         try:
             result[part] = run()
         except Exception as e:  # noqa: BLE001 - one broken part must not lose the others on a one-shot machine
             result[part] = {"error": repr(e)}
         write(name, result)
-    if time.monotonic() - start < args.deadline_s:
+    if "compile" in args.parts and time.monotonic() - start < args.deadline_s:
         runtime = setup({"name": args.device, "threads": None, "channels_last": False, "bf16": True})
         model = runtime.prepare(build_model(args.arch, 10, 32)).train()
         eager = 1000 * timed(training_step(model, runtime, "pgd_at", 128, 10), 5, args.device)
