@@ -11,7 +11,12 @@ models to 50 % and 70 % fewer MACs (kept channels rounded to multiples of 8, as
   MRPF gave VGG-11, whose early layers came out most sensitive.
 
     python bench/pruned_width.py [--archs resnet18 vgg16] [--batches 256 2048] [--device cuda]
-Results: bench/results/pruned-width-DEVICE.json.
+    python bench/pruned_width.py --profile --archs resnet18 --batches 2048   # where the GPU time goes
+Results: bench/results/pruned-width-DEVICE.json (with --profile: pruned-width-profile-DEVICE.json).
+
+``--profile`` instead sums, per forward pass of the dense model and of each pruned one, the
+GPU kernel time by kind (read from the kernel names: convolution, batch norm, the rest),
+to show which part of the time shrinks with the MACs.
 """
 
 from __future__ import annotations
@@ -48,6 +53,63 @@ def pruned_models(arch: str, budgets: list[float]) -> dict[str, torch.nn.Module]
     return models
 
 
+CONV_KERNELS = ("conv", "gemm", "xmma", "implicit", "cutlass", "fprop", "winograd", "sm80_", "sm90_")
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    if any(k in low for k in CONV_KERNELS):
+        return "convolution"
+    if "norm" in low or "bn_" in low:
+        return "batch_norm"
+    return "other (ReLU, add, pooling, layout)"
+
+
+def kernel_profile(model: torch.nn.Module, batch: int, dtype: torch.dtype, runtime) -> dict:
+    """Kernel time (ms) of one eager forward pass, summed by kind, and the kernel count: GPU
+    kernels on CUDA; on the CPU (a dry run of this script) the ops' own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = runtime.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    x = torch.rand(batch, 3, 32, 32, device=runtime.device, dtype=dtype).contiguous(memory_format=runtime.memory_format)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                model(x)
+            sync()
+    kind_of_device = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    kinds: dict[str, float] = {}
+    count = 0
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) != kind_of_device:
+            continue
+        us = ((getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0) if cuda
+              else e.self_cpu_time_total)
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + us / 5000
+        count += e.count
+    return {"kernel_ms_by_kind": kinds, "kernel_ms": sum(kinds.values()), "kernels": count / 5}
+
+
+def profile_main(args) -> None:
+    rows = []
+    for arch in args.archs:
+        models = pruned_models(arch, args.budgets)
+        for bf16 in (False, True):
+            runtime = setup({"name": args.device, "threads": None, "channels_last": True, "bf16": bf16})
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            for batch in args.batches:
+                for name, m in models.items():
+                    result = kernel_profile(runtime.prepare(m).to(dtype).eval(), batch, dtype, runtime)
+                    rows.append({"arch": arch, "model": name, "bf16": bf16, "batch": batch, **result})
+                    print(arch, "bf16" if bf16 else "fp32", batch, name,
+                          {k: round(v, 3) for k, v in result["kernel_ms_by_kind"].items()}, flush=True)
+    write(args.name or f"pruned-width-profile-{args.device}", {"channels_last": True, "round_to": 8, "rows": rows})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=["resnet18", "vgg16"])
@@ -56,8 +118,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", action="store_true", help="GPU kernel time by kind instead of latency (CUDA)")
     p.add_argument("--name", default=None)
     args = p.parse_args()
+    if args.profile:
+        profile_main(args)
+        return
     rows = []
     for arch in args.archs:
         models = pruned_models(arch, args.budgets)
