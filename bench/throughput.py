@@ -239,15 +239,20 @@ def training_step(model, runtime, method: str, batch: int, steps: int):
     return run
 
 
-def step_efficiency(arch: str, steps: int, batch: int, device: str, bf16: bool, repeats: int = 10) -> dict:
-    """b: one PGD-k training step vs (k+1) clean forward-backward steps, in mrpf's own setting."""
+def step_efficiency(arch: str, steps: int, batch: int, device: str, bf16: bool, repeats: int = 5,
+                    rounds: int = 4) -> dict:
+    """b: one PGD-k training step vs (k+1) clean forward-backward steps, in mrpf's own setting.
+    Interleaved rounds, medians: single timings of the same step varied 119-191 ms on the CPU."""
     runtime = setup({"name": device, "threads": None, "channels_last": True, "bf16": bf16})
     model = runtime.prepare(build_model(arch, 10, 32)).train()
     clean_step, pgd_step = (training_step(model, runtime, m, batch, steps) for m in ("clean", "pgd_at"))
     timed(clean_step, 3, device)   # warm-up
     timed(pgd_step, 3, device)
-    clean = timed(clean_step, repeats * 2, device)
-    pgd = timed(pgd_step, repeats, device)
+    clean, pgd = [], []
+    for _ in range(rounds):
+        clean.append(timed(clean_step, repeats * 2, device))
+        pgd.append(timed(pgd_step, repeats, device))
+    clean, pgd = statistics.median(clean), statistics.median(pgd)
     return {"clean_step_ms": 1000 * clean, "pgd_step_ms": 1000 * pgd, "k": steps,
             "step_efficiency": (steps + 1) * clean / pgd}
 
