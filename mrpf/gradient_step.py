@@ -11,9 +11,9 @@ batch shape, into static tensors: input, labels, loss, logits and the parameters
 The optimizer step, the lr schedule, the EMA and the finite-loss check stay eager, so the
 learning rate stays a Python float and the schedulers need nothing special. A batch of
 another shape (an epoch's last, smaller batch) runs eagerly and leaves its gradients in the
-same ``.grad`` tensors the graph writes. The first ``warmup`` batches also run eagerly, on
-a side stream (cuDNN autotuning and lazy initialisation must not happen during capture);
-they are real training steps. A model whose step cannot be captured (an op that syncs with
+same ``.grad`` tensors the graph writes. The first ``warmup`` full batches (those shaped
+like the first batch) also run eagerly, on a side stream (cuDNN autotuning and lazy
+initialisation must not happen during capture); they are real training steps. A model whose step cannot be captured (an op that syncs with
 the host) trains eagerly, with one line saying why.
 
 Why by hand: ``torch.cuda.make_graphed_callables`` graphs a module's forward and backward
@@ -45,6 +45,7 @@ class GradientStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.use_graph = runtime.device.type == "cuda" and runtime.cuda_graphs
         self.eager_full_batches = 0
+        self.shape = None    # (shape, stride) of the batches to capture: those of the first batch
         self.graph = None    # torch.cuda.CUDAGraph once captured
         self.static: dict[str, torch.Tensor] = {}
         self.static_grads: list[torch.Tensor] = []
@@ -64,6 +65,10 @@ class GradientStep:
                     static.copy_(p.grad)
                     p.grad = static
             return loss, logits
+        if self.shape is None:
+            self.shape = (x.shape, x.stride())      # an epoch's first batch is a full one
+        if (x.shape, x.stride()) != self.shape:
+            return self._eager(x, y)
         if self.eager_full_batches < self.warmup:
             self.eager_full_batches += 1
             return self._on_side_stream(x, y)
