@@ -7,6 +7,10 @@ the weights, only on the channel counts, so any pruned checkpoint of the dense m
 
     python bench/pruned_speedup.py [--dense runs/core-acceptance/checkpoint.pt]
         [--pruned runs/compare/{uniform_l1,mrpf}-{0.5,0.7}-s0/checkpoint.pt] [--batch 128] [--device cpu] [--name NAME]
+    python bench/pruned_speedup.py --per-layer --name pruned-layers-cpu   # where each model's time goes
+
+``--per-layer`` adds, per model, each convolution's MACs and median forward time (timed by
+module hooks, the GPU synchronised around each), to show which layers the time stays in.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +32,37 @@ from mrpf.evaluation import count_macs, latency_ms, load_model  # noqa: E402
 DEFAULT_PRUNED = [f"runs/compare/{m}-{s}-s0/checkpoint.pt" for s in ("0.5", "0.7") for m in ("uniform_l1", "mrpf")]
 
 
+def per_layer(model: torch.nn.Module, size: int, runtime, batch: int, repeats: int) -> list[dict]:
+    """Per convolution: MACs per image and median forward time (ms) inside the whole forward pass."""
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
+    starts, times, macs = {}, {name: [] for name, _ in convs}, {}
+
+    def before(name):
+        def hook(module, inputs):
+            sync()
+            starts[name] = time.perf_counter()
+        return hook
+
+    def after(name):
+        def hook(module, inputs, out):
+            sync()
+            times[name].append(1000 * (time.perf_counter() - starts[name]))
+            kh, kw = module.kernel_size
+            macs[name] = out[0].numel() * module.in_channels // module.groups * kh * kw
+        return hook
+
+    handles = [m.register_forward_pre_hook(before(name)) for name, m in convs]
+    handles += [m.register_forward_hook(after(name)) for name, m in convs]
+    x = torch.rand(batch, 3, size, size, device=runtime.device).contiguous(memory_format=runtime.memory_format)
+    with torch.no_grad():
+        for _ in range(repeats + 3):
+            model(x)
+    for handle in handles:
+        handle.remove()
+    return [{"layer": name, "macs": macs[name], "ms": statistics.median(times[name][3:])} for name, _ in convs]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dense", default="runs/core-acceptance/checkpoint.pt")
@@ -37,6 +73,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cuda-graphs", choices=["on", "off"], default="on",
                    help="on CUDA: time the forward pass replayed from a CUDA graph (mrpf's default) or eagerly")
+    p.add_argument("--per-layer", action="store_true", help="also each convolution's MACs and time, per model")
     p.add_argument("--name", default=None, help="results file name (default: pruned-speedup-DEVICE)")
     args = p.parse_args()
     runtime = setup({"name": args.device, "threads": None, "channels_last": True, "bf16": False,
@@ -63,9 +100,12 @@ def main() -> None:
         speedup, macs_ratio = dense_ms / ms, dense_macs / macs
         rows.append({"model": str(path.relative_to(ROOT).parent), "latency_ms": ms, "macs": macs,
                      "speedup": speedup, "macs_ratio": macs_ratio, "speedup_over_macs_ratio": speedup / macs_ratio})
-    write(args.name or f"pruned-speedup-{args.device}",
-          {"batch": args.batch, "cuda_graphs": args.device.startswith("cuda") and args.cuda_graphs == "on",
-           "dense": {"latency_ms": dense_ms, "macs": dense_macs}, "pruned": rows})
+    result = {"batch": args.batch, "cuda_graphs": args.device.startswith("cuda") and args.cuda_graphs == "on",
+              "dense": {"latency_ms": dense_ms, "macs": dense_macs}, "pruned": rows}
+    if args.per_layer:
+        result["layers"] = {str(path.relative_to(ROOT).parent): per_layer(model, size, runtime, args.batch, args.repeats)
+                            for path, (model, size) in models.items()}
+    write(args.name or f"pruned-speedup-{args.device}", result)
 
 
 if __name__ == "__main__":
