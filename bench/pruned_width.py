@@ -94,19 +94,24 @@ def kernel_profile(model: torch.nn.Module, batch: int, dtype: torch.dtype, runti
     return {"kernel_ms_by_kind": kinds, "kernel_ms": sum(kinds.values()), "kernels": count / 5}
 
 
-def profile_main(args) -> None:
-    rows = []
+def settings(args):
+    """Each architecture's dense and pruned models, with the runtime and dtype of fp32 and of bf16."""
     for arch in args.archs:
         models = pruned_models(arch, args.budgets)
         for bf16 in (False, True):
             runtime = setup({"name": args.device, "threads": None, "channels_last": True, "bf16": bf16})
-            dtype = torch.bfloat16 if bf16 else torch.float32
-            for batch in args.batches:
-                for name, m in models.items():
-                    result = kernel_profile(runtime.prepare(m).to(dtype).eval(), batch, dtype, runtime)
-                    rows.append({"arch": arch, "model": name, "bf16": bf16, "batch": batch, **result})
-                    print(arch, "bf16" if bf16 else "fp32", batch, name,
-                          {k: round(v, 3) for k, v in result["kernel_ms_by_kind"].items()}, flush=True)
+            yield arch, models, bf16, runtime, torch.bfloat16 if bf16 else torch.float32
+
+
+def profile_main(args) -> None:
+    rows = []
+    for arch, models, bf16, runtime, dtype in settings(args):
+        for batch in args.batches:
+            for name, m in models.items():
+                result = kernel_profile(runtime.prepare(m).to(dtype).eval(), batch, dtype, runtime)
+                rows.append({"arch": arch, "model": name, "bf16": bf16, "batch": batch, **result})
+                print(arch, "bf16" if bf16 else "fp32", batch, name,
+                      {k: round(v, 3) for k, v in result["kernel_ms_by_kind"].items()}, flush=True)
     write(args.name or f"pruned-width-profile-{args.device}", {"channels_last": True, "round_to": 8, "rows": rows})
 
 
@@ -125,29 +130,25 @@ def main() -> None:
         profile_main(args)
         return
     rows = []
-    for arch in args.archs:
-        models = pruned_models(arch, args.budgets)
-        for bf16 in (False, True):
-            runtime = setup({"name": args.device, "threads": None, "channels_last": True, "bf16": bf16})
-            dtype = torch.bfloat16 if bf16 else torch.float32
-            ready = {name: runtime.prepare(m).to(dtype) for name, m in models.items()}
-            macs = {name: count_macs(m.float(), 32, runtime.device) for name, m in ready.items()}
-            ready = {name: m.to(dtype) for name, m in ready.items()}
-            for batch in args.batches:
-                times = {name: [] for name in ready}
-                for _ in range(args.rounds):     # interleaved: drift in machine speed hits every model
-                    for name, m in ready.items():
-                        times[name].append(latency_ms(m, 32, runtime, batch, args.repeats, dtype))
-                dense_ms = statistics.median(times["dense"])
-                for name in ready:
-                    ms = statistics.median(times[name])
-                    ratio = macs["dense"] / macs[name]
-                    rows.append({"arch": arch, "model": name, "bf16": bf16, "batch": batch, "latency_ms": ms,
-                                 "macs": macs[name], "speedup": dense_ms / ms, "macs_ratio": ratio,
-                                 "speedup_over_macs_ratio": dense_ms / ms / ratio})
-                    print(f"{arch} {'bf16' if bf16 else 'fp32'} batch {batch} {name}: {ms:.3f} ms, "
-                          f"speedup {dense_ms / ms:.2f} / MACs ratio {ratio:.2f} = {dense_ms / ms / ratio:.2f}",
-                          flush=True)
+    for arch, models, bf16, runtime, dtype in settings(args):
+        ready = {name: runtime.prepare(m).to(dtype) for name, m in models.items()}
+        macs = {name: count_macs(m.float(), 32, runtime.device) for name, m in ready.items()}
+        ready = {name: m.to(dtype) for name, m in ready.items()}
+        for batch in args.batches:
+            times = {name: [] for name in ready}
+            for _ in range(args.rounds):     # interleaved: drift in machine speed hits every model
+                for name, m in ready.items():
+                    times[name].append(latency_ms(m, 32, runtime, batch, args.repeats, dtype))
+            dense_ms = statistics.median(times["dense"])
+            for name in ready:
+                ms = statistics.median(times[name])
+                ratio = macs["dense"] / macs[name]
+                rows.append({"arch": arch, "model": name, "bf16": bf16, "batch": batch, "latency_ms": ms,
+                             "macs": macs[name], "speedup": dense_ms / ms, "macs_ratio": ratio,
+                             "speedup_over_macs_ratio": dense_ms / ms / ratio})
+                print(f"{arch} {'bf16' if bf16 else 'fp32'} batch {batch} {name}: {ms:.3f} ms, "
+                      f"speedup {dense_ms / ms:.2f} / MACs ratio {ratio:.2f} = {dense_ms / ms / ratio:.2f}",
+                      flush=True)
     write(args.name or f"pruned-width-{args.device}", {"channels_last": True, "round_to": 8, "rows": rows})
 
 
