@@ -36,6 +36,19 @@ class Runtime:
         return model.to(self.device, memory_format=self.memory_format)
 
 
+def on_side_stream(device: torch.device, fn):
+    """Run ``fn()`` on a fresh CUDA stream, ordered after and before the current stream's work.
+
+    Warm-up before a CUDA graph capture belongs there (PyTorch's CUDA-graphs notes): cuDNN
+    autotuning and lazy initialisation must not happen on the capturing stream."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    return out
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else CPU; asking for CUDA without one is an error."""
     if name == "auto":

@@ -60,12 +60,7 @@ def latency_ms(model: torch.nn.Module, input_size: int, runtime: devices.Runtime
     forward = lambda: model(x)  # noqa: E731
     with torch.no_grad():
         if cuda and runtime.cuda_graphs:
-            side = torch.cuda.Stream(runtime.device)    # warm-up off the capturing stream (cuDNN autotuning)
-            side.wait_stream(torch.cuda.current_stream(runtime.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    model(x)
-            torch.cuda.current_stream(runtime.device).wait_stream(side)
+            devices.on_side_stream(runtime.device, lambda: [model(x) for _ in range(3)])   # warm-up
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 model(x)

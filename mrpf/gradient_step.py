@@ -53,25 +53,24 @@ class GradientStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.use_graph:
             return self._eager(x, y)
-        if self.graph is not None:
-            if x.shape == self.static["x"].shape and x.stride() == self.static["x"].stride():
-                self.static["x"].copy_(x)
-                self.static["y"].copy_(y)
-                self.graph.replay()
-                return self.static["loss"], self.static["logits"]
+        layout = (x.shape, x.stride())
+        if self.shape is None:
+            self.shape = layout      # an epoch's first batch is a full one
+        if layout != self.shape:
             loss, logits = self._eager(x, y)
-            for p, static in zip(self.params, self.static_grads):   # where the optimizer reads them
+            for p, static in zip(self.params, self.static_grads):   # where the graph and optimizer read them
                 if static is not None and p.grad is not None:
                     static.copy_(p.grad)
                     p.grad = static
             return loss, logits
-        if self.shape is None:
-            self.shape = (x.shape, x.stride())      # an epoch's first batch is a full one
-        if (x.shape, x.stride()) != self.shape:
-            return self._eager(x, y)
+        if self.graph is not None:
+            self.static["x"].copy_(x)
+            self.static["y"].copy_(y)
+            self.graph.replay()
+            return self.static["loss"], self.static["logits"]
         if self.eager_full_batches < self.warmup:
             self.eager_full_batches += 1
-            return self._on_side_stream(x, y)
+            return devices.on_side_stream(self.runtime.device, lambda: self._eager(x, y))
         return self._capture(x, y)
 
     def _eager(self, x: torch.Tensor, y: torch.Tensor, cache_casts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,14 +80,6 @@ class GradientStep:
             p.grad = None
         loss.backward()
         return loss.detach(), logits.detach()
-
-    def _on_side_stream(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        side = torch.cuda.Stream(self.runtime.device)
-        side.wait_stream(torch.cuda.current_stream(self.runtime.device))
-        with torch.cuda.stream(side):
-            out = self._eager(x, y)
-        torch.cuda.current_stream(self.runtime.device).wait_stream(side)
-        return out
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Capture the step on this batch, then replay it (capture records kernels, runs none)."""
