@@ -5,7 +5,9 @@ reduction = S, 0 <= r_g <= r_max. The optimum has the form
 
     r_g = min(r_max, lambda * w_g / MRS_g^alpha),
 
-w_g the group's share of the budget metric (``cost_aware``) or 1. lambda is found by
+w_g the group's share of the budget metric (``cost_aware``) or 1. Over the iterative
+steps r_max holds against the group's *dense* width (``removal_cap``), the same cap as the
+global-threshold baselines use. lambda is found by
 bisection on the reduction *measured on the actually pruned model* (Torch-Pruning's
 counter), so coupling between groups cannot make the budget miss. ("Bisection" in the design;
 regula falsi here, which brackets the same way and needs fewer pruned models.)
@@ -70,40 +72,56 @@ def group_costs(model: nn.Module, groups: list[groups_mod.Group], input_size: in
     return costs
 
 
-def ratios_for(lam: float, mrs: list[float], weights: list[float], alpha: float, r_max: float) -> list[float]:
-    return [min(r_max, lam * w / (s ** alpha)) for s, w in zip(mrs, weights)]
+def ratios_for(lam: float, mrs: list[float], weights: list[float], alpha: float,
+               r_caps: list[float]) -> list[float]:
+    """r_g = min(cap_g, lambda * w_g / MRS_g^alpha): the allocation rule before rounding to channels."""
+    return [min(cap, lam * w / (s ** alpha)) for s, w, cap in zip(mrs, weights, r_caps)]
 
 
-def rounded_removal(channels: int, n: int, round_to: int) -> int:
+def removal_cap(channels: int, dense_channels: int, r_max: float) -> int:
+    """Most channels a group of ``channels`` may still lose so that, over all pruning steps,
+    it loses at most floor(r_max * dense_channels) of its dense width and keeps one channel.
+    The one cap of every method (allocation and global thresholds)."""
+    keep = max(1, dense_channels - math.floor(r_max * dense_channels + 1e-9))
+    return max(0, channels - keep)
+
+
+def rounded_removal(channels: int, n: int, round_to: int, cap: int | None = None) -> int:
     """Channels to remove so that the kept ones are a multiple of ``round_to`` (the nearest
-    multiple, at least one), for a group that loses any; unchanged for ``round_to`` 1, for
-    groups narrower than ``round_to`` and for groups left whole. GPUs run convolutions
-    with odd channel counts on slower kernels: on an H100, pruned VGG-11 models ran up to
-    1.3x faster with their kept channels rounded up to multiples of 8 (bench/gpu_profile.py)."""
+    multiple, at least one, rounded up where the nearest would remove more than ``cap``),
+    for a group that loses any; unchanged for ``round_to`` 1, for groups narrower than
+    ``round_to``, for groups left whole, and where no multiple fits under the cap. GPUs run
+    convolutions with odd channel counts on slower kernels (docs/performance.md)."""
+    cap = channels - 1 if cap is None else cap
+    n = min(n, cap)
     if round_to <= 1 or n <= 0 or channels < round_to:
         return n
     kept = max(round_to, min(channels, round_to * round((channels - n) / round_to)))
+    if channels - kept > cap:
+        kept = round_to * math.ceil((channels - cap) / round_to)
+        if kept >= channels:
+            return n
     return channels - kept
 
 
 def prune_copy(model: nn.Module, input_size: int, num_classes: int, ratios: list[float],
-               round_to: int = 1) -> tuple[nn.Module, list]:
+               round_to: int = 1, caps: list[int] | None = None) -> tuple[nn.Module, list]:
     """A pruned deep copy (see ``apply_ratios``) and its pruning history."""
     pruned = copy.deepcopy(model)
-    return pruned, apply_ratios(pruned, input_size, num_classes, ratios, round_to)
+    return pruned, apply_ratios(pruned, input_size, num_classes, ratios, round_to, caps)
 
 
 def apply_ratios(pruned: nn.Module, input_size: int, num_classes: int, ratios: list[float],
-                 round_to: int = 1) -> list:
-    """Prune in place: each group loses round(r_g * channels) smallest-magnitude channels
-    (adjusted by ``rounded_removal``)."""
+                 round_to: int = 1, caps: list[int] | None = None) -> list:
+    """Prune in place: each group loses round(r_g * channels) smallest-magnitude channels, at
+    most ``caps[g]`` (default: all but one), adjusted by ``rounded_removal``."""
     graph, found = groups_mod.find_groups(pruned, input_size, num_classes)
     if len(found) != len(ratios):
         raise MrpfError(f"{len(ratios)} ratios for {len(found)} groups")
+    caps = caps or [g.channels - 1 for g in found]
     remove = {}
-    for group, r in zip(found, ratios):
-        n = min(group.channels - 1, int(round(r * group.channels)))
-        n = rounded_removal(group.channels, n, round_to)
+    for group, r, cap in zip(found, ratios, caps):
+        n = rounded_removal(group.channels, int(round(r * group.channels)), round_to, cap)
         if n > 0:
             order = torch.argsort(groups_mod.channel_magnitude(pruned, group))
             remove[group.id] = order[:n].tolist()
@@ -116,7 +134,8 @@ def check_reachable(model: nn.Module, input_size: int, num_classes: int, budget:
     cannot remove ``budget`` of the dense ``metric``; return that largest reduction."""
     dense = dense or count(model, input_size)
     graph, found = groups_mod.find_groups(model, input_size, num_classes)
-    pruned, _ = prune_copy(model, input_size, num_classes, [r_max] * len(found), round_to)
+    caps = [removal_cap(g.channels, g.channels, r_max) for g in found]
+    pruned, _ = prune_copy(model, input_size, num_classes, [r_max] * len(found), round_to, caps)
     most = 1 - count(pruned, input_size)[metric] / dense[metric]
     if most < budget:
         raise MrpfError(f"a {budget:.0%} {metric} reduction is out of reach: pruning every group to "
@@ -126,11 +145,14 @@ def check_reachable(model: nn.Module, input_size: int, num_classes: int, budget:
 
 def solve(model: nn.Module, groups: list[groups_mod.Group], mrs: list[float], *, input_size: int, num_classes: int,
           budget: float, metric: str = "macs", alpha: float = 1.0, r_max: float = 0.9, cost_aware: bool = True,
-          dense: dict | None = None, iterations: int = 30, round_to: int = 1) -> dict:
+          dense: dict | None = None, iterations: int = 30, round_to: int = 1,
+          dense_channels: list[int] | None = None) -> dict:
     """Per-group ratios whose pruned model removes ``budget`` of the dense model's ``metric``.
 
-    ``dense``: counts of the reference model the budget is relative to (default: ``model``).
-    Returns ``{"ratios", "lambda", "achieved", "counts"}``.
+    ``dense``: counts of the reference model the budget is relative to (default: ``model``);
+    ``dense_channels``: each group's dense width, against which ``r_max`` holds (default: now).
+    Returns ``{"ratios", "caps", "lambda", "achieved", "counts"}`` (``caps``: channels each group
+    may lose, for ``apply_ratios``).
     """
     if not 0 < budget < 1:
         raise MrpfError(f"sparsity must lie in (0, 1), got {budget}")
@@ -141,14 +163,17 @@ def solve(model: nn.Module, groups: list[groups_mod.Group], mrs: list[float], *,
     total = sum(c * g.channels for c, g in zip(costs, groups))
     weights = [c * g.channels / total for c, g in zip(costs, groups)] if cost_aware else [1.0] * len(groups)
     mrs = [max(float(s), 1e-12) for s in mrs]
+    dense_channels = dense_channels or [g.channels for g in groups]
+    caps = [removal_cap(g.channels, d, r_max) for g, d in zip(groups, dense_channels)]
+    r_caps = [cap / g.channels for cap, g in zip(caps, groups)]
 
     def achieved(lam: float) -> tuple[float, list[float], dict]:
-        ratios = ratios_for(lam, mrs, weights, alpha, r_max)
-        pruned, _ = prune_copy(model, input_size, num_classes, ratios, round_to)
+        ratios = ratios_for(lam, mrs, weights, alpha, r_caps)
+        pruned, _ = prune_copy(model, input_size, num_classes, ratios, round_to, caps)
         counts = count(pruned, input_size)
         return 1 - counts[metric] / dense[metric], ratios, counts
 
-    hi = max(r_max * s ** alpha / w for s, w in zip(mrs, weights))
+    hi = max(c * s ** alpha / w for s, w, c in zip(mrs, weights, r_caps))
     best = achieved(hi)
     if best[0] < budget:
         raise MrpfError(f"a {budget:.0%} {metric} reduction is out of reach: pruning every group to "
@@ -175,4 +200,4 @@ def solve(model: nn.Module, groups: list[groups_mod.Group], mrs: list[float], *,
             side = -1
         if hi - lo < 1e-9 * max(hi, 1e-12):
             break
-    return {"ratios": best[1], "lambda": hi, "achieved": best[0], "counts": best[2]}
+    return {"ratios": best[1], "caps": caps, "lambda": hi, "achieved": best[0], "counts": best[2]}

@@ -1,6 +1,6 @@
 """Adversarial attacks in pixel space ([0, 1] inputs; the model normalises inside).
 
-- ``fgsm``: Fast Gradient Sign Method (Goodfellow et al., 2015), L-inf.
+- ``fgsm``: Fast Gradient Sign Method (Goodfellow et al., 2015), L-inf or L2 (normalised step).
 - ``pgd``: Projected Gradient Descent (Madry et al., 2018), L-inf or L2, on the
   cross-entropy loss or the CW margin loss (Carlini & Wagner, 2017: max_{j!=y} z_j - z_y;
   "CW-L-inf" is PGD on this loss), random start, restarts (worst case per image).
@@ -148,9 +148,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
         return best
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float) -> torch.Tensor:
-    """FGSM (Goodfellow et al., 2015): one signed-gradient step of size eps, no random start."""
-    return pgd(model, x, y, eps=eps, step_size=eps, steps=1, norm="linf", loss="ce", random_start=False)
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf") -> torch.Tensor:
+    """FGSM (Goodfellow et al., 2015): one gradient step to the radius eps, no random start.
+
+    L-inf: eps * sign(grad); L2: the fast gradient method's eps * grad / ||grad||_2 (the
+    same paper's L2 variant), so the step ends on the sphere of the threat model.
+    """
+    return pgd(model, x, y, eps=eps, step_size=eps, steps=1, norm=norm, loss="ce", random_start=False)
 
 
 def trades_adversary(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: float, steps: int,

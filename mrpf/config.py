@@ -51,15 +51,15 @@ DEFAULTS: dict[str, Any] = {
         "gamma": 0.1,
         "beta": 6.0,                # TRADES / MART regularisation weight
         "steps": 5,                 # attack steps during training
-        "step_size": None,          # None: 2.5 * eps / steps (Madry et al.)
-        "val_pgd_steps": 10,        # PGD steps for the per-epoch validation accuracy
+        "step_size": None,          # None: 2.5 * eps / steps (Madry et al.); a given one must reach eps
+        "val_pgd_steps": 10,        # PGD steps for the per-epoch validation accuracy (step: evaluate.step_size)
         "ema_decay": None,          # e.g. 0.995: validate and save an EMA of the weights (None: off)
     },
     "evaluate": {
         "n_images": 2000,           # test images for clean/FGSM/PGD/CW (all of them if fewer)
-        "autoattack_images": 200,   # AutoAttack is the costliest: a smaller subset by default
+        "autoattack_images": 200,   # AutoAttack is the costliest: a smaller subset by default (0: skip it)
         "pgd_steps": 20,
-        "step_size": "2/255",       # SVHN conventionally uses 1/255
+        "step_size": None,          # PGD/CW step; None: 2.5 * eps / steps; a given one must reach eps
         "restarts": 1,
         "batch_size": 500,
         "latency_batch": 128,
@@ -114,6 +114,24 @@ def as_float(value: Any, key: str) -> float:
         except ValueError:
             pass
     raise MrpfError(f"{key}: expected a number or a fraction like 8/255, got {value!r}")
+
+
+def pgd_step_size(params: dict, key: str, steps: int) -> float:
+    """The step of a PGD attack of ``steps`` steps: the value at ``key``, or 2.5 * eps / steps
+    (Madry et al., 2018) where it is null. A given step must be able to reach the radius
+    (steps * step >= eps): a shorter one keeps PGD inside the ball (e.g. 2/255 under an L2
+    radius of 0.5) and overstates robust accuracy."""
+    eps = as_float(params["attack"]["eps"], "attack.eps")
+    section, name = key.split(".")
+    given = params[section][name]
+    if given is None:
+        return 2.5 * eps / max(steps, 1)
+    step = as_float(given, key)
+    if steps > 0 and steps * step < eps * (1 - 1e-9):
+        raise MrpfError(f"{key}={given}: {steps} steps of {step:.4g} cannot reach the {params['attack']['norm']} "
+                        f"radius attack.eps={eps:.4g}; set it to null (2.5 * eps / steps) or to at least "
+                        f"{eps / steps:.4g}")
+    return step
 
 
 def _merge(base: dict, update: dict, prefix: str = "") -> None:
@@ -233,11 +251,15 @@ def validate(params: dict) -> None:
         raise MrpfError(f"attack.eps: must be >= 0, got {params['attack']['eps']!r}")
     _positive_int(params, "train.epochs", allow_zero=True)
     for key in ("train.batch_size", "evaluate.batch_size", "evaluate.latency_batch", "evaluate.latency_repeats",
-                "evaluate.restarts"):
+                "evaluate.restarts", "evaluate.n_images", "evaluate.pgd_steps"):
         _positive_int(params, key)
-    for key in ("train.steps", "train.val_pgd_steps", "evaluate.pgd_steps", "evaluate.n_images",
-                "evaluate.autoattack_images", "data.val_size", "data.calibration_size"):
+    for key in ("train.steps", "train.val_pgd_steps", "evaluate.autoattack_images", "data.val_size",
+                "data.calibration_size"):
         _positive_int(params, key, allow_zero=True)
+    for key, steps in (("train.step_size", "train.steps"), ("evaluate.step_size", "evaluate.pgd_steps"),
+                       ("evaluate.step_size", "train.val_pgd_steps")):
+        section, name = steps.split(".")
+        pgd_step_size(params, key, params[section][name])
     for key in ("train.lr", "train.momentum", "train.weight_decay", "train.gamma", "train.beta"):
         section, name = key.split(".")
         if as_float(params[section][name], key) < 0:

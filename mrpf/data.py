@@ -203,21 +203,36 @@ def _tiny_imagenet(root: Path, split: str, download: bool) -> ImageSet:
 
 def read_source(params: dict, split: str) -> ImageSet:
     """Read the train or test split from ``data.{split}_path`` if set, else from a copy under
-    ``data.offline_dir``, else from the named dataset (downloaded if allowed)."""
+    ``data.offline_dir``, else from the named dataset (downloaded if allowed); the images'
+    size and labels are checked against the dataset (``check_fits``)."""
     data = params["data"]
     spec = spec_for(params)
     path = data["train_path" if split == "train" else "test_path"] or offline_source(params, split)
     if path is not None:
         path = Path(path)
         if path.is_dir():
-            return read_image_folder(path, spec.input_size)
-        if path.suffix == ".npz" and path.is_file():
-            return read_npz(path)
-        raise MrpfError(f"data.{split}_path: {path} is neither an .npz file nor an ImageFolder directory")
-    root = Path(data["root"])
-    if data["dataset"] == "tinyimagenet":
-        return _tiny_imagenet(root, split, data["download"])
-    return _read_torchvision(data["dataset"], root, split, data["download"])
+            images = read_image_folder(path, spec.input_size)
+        elif path.suffix == ".npz" and path.is_file():
+            images = read_npz(path)
+        else:
+            raise MrpfError(f"data.{split}_path: {path} is neither an .npz file nor an ImageFolder directory")
+    else:
+        root = Path(data["root"])
+        images = (_tiny_imagenet(root, split, data["download"]) if data["dataset"] == "tinyimagenet"
+                  else _read_torchvision(data["dataset"], root, split, data["download"]))
+    check_fits(images, spec, data["dataset"], f"{split} split ({path or 'download of ' + data['dataset']})")
+    return images
+
+
+def check_fits(images: ImageSet, spec: DatasetSpec, dataset: str, source: str) -> None:
+    """Refuse images whose size is not the dataset's input size, and labels beyond its classes."""
+    height, width = images.x.shape[-2:]
+    if (height, width) != (spec.input_size, spec.input_size):
+        raise MrpfError(f"{source}: images are {height}x{width}, dataset {dataset!r} expects "
+                        f"{spec.input_size}x{spec.input_size}")
+    if len(images) and int(images.y.max()) >= spec.num_classes:
+        raise MrpfError(f"{source}: labels reach {int(images.y.max())}, dataset {dataset!r} has "
+                        f"{spec.num_classes} classes")
 
 
 OFFLINE_NAMES = ("{dataset}-{split}.npz", "{dataset}-subset-{split}.npz", "{dataset}/{split}")
@@ -248,10 +263,6 @@ def prepare(params: dict, out_dir: str | Path, log=print) -> dict:
         if source is None and params["data"]["offline_dir"] is not None:
             log(f"{split}: no offline copy under {params['data']['offline_dir']}; using data.root / download")
         images = read_source(params, split)
-        spec = spec_for(params)
-        if images.x.shape[-1] != spec.input_size or int(images.y.max()) >= spec.num_classes:
-            raise MrpfError(f"{split} split from {source}: images {tuple(images.x.shape[1:])} / labels up to "
-                            f"{int(images.y.max())} do not fit dataset {summary['dataset']!r}")
         with atomic_path(out_dir / f"{split}.npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, x=images.x.permute(0, 2, 3, 1).numpy(), y=images.y.numpy(),
@@ -269,12 +280,6 @@ def load_splits(params: dict, with_test: bool = True) -> Splits:
     """
     spec = spec_for(params)
     full = read_source(params, "train")
-    if full.x.shape[-1] != spec.input_size or full.x.shape[-2] != spec.input_size:
-        raise MrpfError(f"training images are {tuple(full.x.shape[-2:])}, dataset "
-                        f"{params['data']['dataset']!r} expects {spec.input_size}x{spec.input_size}")
-    if int(full.y.max()) >= spec.num_classes:
-        raise MrpfError(f"training labels reach {int(full.y.max())}, dataset "
-                        f"{params['data']['dataset']!r} has {spec.num_classes} classes")
     n_val, n_cal = params["data"]["val_size"], params["data"]["calibration_size"]
     if n_val >= len(full):
         raise MrpfError(f"data.val_size={n_val} leaves no training images (the training split has {len(full)})")

@@ -18,7 +18,7 @@ import torch
 from . import data as data_mod
 from . import devices
 from .attacks import autoattack, fgsm, pgd
-from .config import as_float
+from .config import as_float, pgd_step_size
 from .errors import MrpfError
 from .io import atomic_path, load_checkpoint, write_json
 from .models import count_parameters, instantiate
@@ -102,19 +102,19 @@ def evaluate(params: dict, checkpoint: str | Path, out_path: str | Path, log=pri
     images = data_mod.fixed_subset(test, ev["n_images"])
     eps = as_float(params["attack"]["eps"], "attack.eps")
     norm = params["attack"]["norm"]
-    step = as_float(ev["step_size"], "evaluate.step_size")
+    step = pgd_step_size(params, "evaluate.step_size", ev["pgd_steps"])
     torch.manual_seed(params["seed"])
 
     attacks = {
         "clean": None,
-        "fgsm": lambda x, y: fgsm(model, x, y, eps=eps),
+        "fgsm": lambda x, y: fgsm(model, x, y, eps=eps, norm=norm),
         "pgd": lambda x, y: pgd(model, x, y, eps=eps, step_size=step, steps=ev["pgd_steps"], norm=norm,
                                 restarts=ev["restarts"]),
         "cw": lambda x, y: pgd(model, x, y, eps=eps, step_size=step, steps=ev["pgd_steps"], norm=norm, loss="cw",
                                restarts=ev["restarts"]),
     }
     metrics: dict = {"checkpoint": str(checkpoint), "arch": arch["name"], "eps": eps, "norm": norm,
-                     "pgd_steps": ev["pgd_steps"], "n_images": len(images), "device": str(runtime.device)}
+                     "pgd_steps": ev["pgd_steps"], "step_size": step, "n_images": len(images), "device": str(runtime.device)}
     outcomes: dict[str, np.ndarray] = {}
     for name in ev["attacks"]:
         t0 = time.perf_counter()

@@ -33,7 +33,7 @@ from .config import as_float
 from .errors import MrpfError
 from .evaluation import load_model
 from .io import read_json, remove_stale_temporaries, save_checkpoint, write_json
-from .sensitivity import MrsSettings, compute_mrs
+from .sensitivity import MrsSettings, compute_mrs, seeded_scope
 from .training import adversary_from, train
 
 ALLOCATION_METHODS = ("mrpf", "mrpf_clean", "uniform_l1")
@@ -61,6 +61,15 @@ def _mean_magnitude(model, group) -> torch.Tensor:
 
 
 def _taylor(model, found, calibration, params, runtime) -> list[torch.Tensor]:
+    """|sum_c w_c dL_adv/dw_c| per channel (Molchanov et al., 2019), L_adv = summed CE on PGD
+    examples of the calibration set; torch's global random state is left as it was."""
+    if len(calibration) == 0:
+        raise MrpfError("taylor_adv needs calibration images: data.calibration_size must be positive")
+    with seeded_scope(runtime.device):
+        return _taylor_scores(model, found, calibration, params, runtime)
+
+
+def _taylor_scores(model, found, calibration, params, runtime) -> list[torch.Tensor]:
     adversary = mrs_adversary(params)
     model.eval()
     for p in model.parameters():
@@ -82,22 +91,29 @@ def _taylor(model, found, calibration, params, runtime) -> list[torch.Tensor]:
     return scores
 
 
-def _global_plan(model, found, scores, budget, metric, r_max, input_size, num_classes, dense,
-                 round_to: int = 1) -> tuple[list, float]:
-    """The k globally lowest-scored channels (at most r_max of any group) reaching the budget,
-    each group's count then adjusted by ``allocation.rounded_removal``."""
+def random_scores(found, seed: int, step: int) -> list[torch.Tensor]:
+    """The ``random`` baseline's channel scores: uniform, drawn anew at every pruning step."""
+    gen = torch.Generator().manual_seed(seed * 1_000 + step)
+    return [torch.rand(g.channels, generator=gen) for g in found]
+
+
+def _global_plan(model, found, scores, budget, metric, caps, input_size, num_classes, dense,
+                 round_to: int = 1) -> tuple[dict, float]:
+    """The k globally lowest-scored channels (at most ``caps[g]`` of group g: the one r_max cap,
+    ``allocation.removal_cap``) reaching the budget, each group's count then adjusted by
+    ``allocation.rounded_removal``."""
     ranked = sorted((float(s), g.id, c) for g, sc in zip(found, scores) for c, s in enumerate(sc.tolist()))
     by_score = {g.id: [] for g in found}       # each group's channels, lowest score first
     for _, gid, c in ranked:
         by_score[gid].append(c)
     channels = {g.id: g.channels for g in found}
+    cap = {g.id: c for g, c in zip(found, caps)}
 
     def plan(k):
         counts = {g.id: 0 for g in found}
-        caps = {g.id: min(g.channels - 1, int(r_max * g.channels)) for g in found}
         for _, gid, _ in ranked[:k]:
-            counts[gid] = min(counts[gid] + 1, caps[gid])
-        return {gid: by_score[gid][:allocation.rounded_removal(channels[gid], n, round_to)]
+            counts[gid] = min(counts[gid] + 1, cap[gid])
+        return {gid: by_score[gid][:allocation.rounded_removal(channels[gid], n, round_to, cap[gid])]
                 for gid, n in counts.items()}
 
     def achieved(k):
@@ -108,7 +124,7 @@ def _global_plan(model, found, scores, budget, metric, r_max, input_size, num_cl
 
     lo, hi = 0, len(ranked)
     if achieved(hi) < budget:
-        raise MrpfError(f"a {budget:.0%} {metric} reduction is out of reach with r_max={r_max}")
+        raise MrpfError(f"a {budget:.0%} {metric} reduction is out of reach within the r_max cap of each group")
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if achieved(mid) >= budget:
@@ -118,13 +134,24 @@ def _global_plan(model, found, scores, budget, metric, r_max, input_size, num_cl
     return plan(hi), achieved(hi)
 
 
-def prune_step(model, arch, params, calibration, runtime, budget, dense, log) -> tuple[dict, list]:
-    """Prune ``model`` in place to ``budget`` (relative to ``dense`` counts); return the step record
-    and the pruning history of this step."""
+def dense_widths(model, arch: dict) -> dict[str, int]:
+    """Each group's width in the dense model, by root module name (r_max holds against it)."""
+    _, found = groups_mod.find_groups(model, arch["input_size"], arch["num_classes"])
+    return {g.root: g.channels for g in found}
+
+
+def prune_step(model, arch, params, calibration, runtime, budget, dense, log, *, step: int = 1,
+               widths: dict[str, int] | None = None) -> tuple[dict, list]:
+    """Prune ``model`` in place to ``budget`` (relative to ``dense`` counts) at pruning step
+    ``step``, no group below 1 - r_max of its dense width (``widths``; default: the current
+    ones); return the step record and the pruning history of this step."""
     pp = params["prune"]
     method = pp["method"]
     arch_size, classes = arch["input_size"], arch["num_classes"]
     graph, found = groups_mod.find_groups(model, arch_size, classes)
+    r_max = as_float(pp["r_max"], "prune.r_max")
+    widths = widths or {}
+    dense_channels = [widths.get(g.root, g.channels) for g in found]
     record: dict = {"budget": budget, "groups": [g.describe() for g in found]}
     started = time.perf_counter()
     if method in ALLOCATION_METHODS:
@@ -138,20 +165,20 @@ def prune_step(model, arch, params, calibration, runtime, budget, dense, log) ->
             mrs = [row["mrs"] for row in result["groups"]]
             alpha, cost_aware = as_float(pp["alpha"], "prune.alpha"), bool(pp["cost_aware"])
         solved = allocation.solve(model, found, mrs, input_size=arch_size, num_classes=classes, budget=budget,
-                                  metric=pp["metric"], alpha=alpha, r_max=as_float(pp["r_max"], "prune.r_max"),
-                                  cost_aware=cost_aware, dense=dense, round_to=pp["round_to"])
+                                  metric=pp["metric"], alpha=alpha, r_max=r_max, cost_aware=cost_aware, dense=dense,
+                                  round_to=pp["round_to"], dense_channels=dense_channels)
         record["ratios"] = solved["ratios"]
-        history = allocation.apply_ratios(model, arch_size, classes, solved["ratios"], pp["round_to"])
+        history = allocation.apply_ratios(model, arch_size, classes, solved["ratios"], pp["round_to"], solved["caps"])
     else:
         if method == "global_magnitude":
             scores = [_mean_magnitude(model, g) for g in found]
         elif method == "taylor_adv":
             scores = _taylor(model, found, calibration, params, runtime)
         else:
-            gen = torch.Generator().manual_seed(params["seed"])
-            scores = [torch.rand(g.channels, generator=gen) for g in found]
-        remove, _ = _global_plan(model, found, scores, budget, pp["metric"], as_float(pp["r_max"], "prune.r_max"),
-                                 arch_size, classes, dense, pp["round_to"])
+            scores = random_scores(found, params["seed"], step)
+        caps = [allocation.removal_cap(g.channels, d, r_max) for g, d in zip(found, dense_channels)]
+        remove, _ = _global_plan(model, found, scores, budget, pp["metric"], caps, arch_size, classes, dense,
+                                 pp["round_to"])
         record["ratios"] = [len(remove[g.id]) / g.channels for g in found]
         history = groups_mod.prune(graph, found, remove)
     record["scoring_seconds"] = time.perf_counter() - started  # MRS / scores + budget solve
@@ -207,6 +234,7 @@ def run_prune(params: dict, checkpoint: str | Path, run_dir: str | Path, log=pri
     arch.setdefault("pruning_history", [])
     splits = data_mod.load_splits(params, with_test=False)
     dense = allocation.count(model, arch["input_size"])
+    widths = dense_widths(model, arch)
     allocation.check_reachable(model, arch["input_size"], arch["num_classes"], sparsity, pp["metric"],
                                as_float(pp["r_max"], "prune.r_max"), dense, pp["round_to"])
     remove_stale_temporaries(run_dir)
@@ -218,7 +246,8 @@ def run_prune(params: dict, checkpoint: str | Path, run_dir: str | Path, log=pri
     for t in range(len(steps) + 1, pp["steps"] + 1):
         budget = sparsity * t / pp["steps"]
         log(f"step {t}/{pp['steps']}: {pp['method']} to {budget:.1%} {pp['metric']} reduction")
-        record, history = prune_step(model, arch, params, splits.calibration, runtime, budget, dense, log)
+        record, history = prune_step(model, arch, params, splits.calibration, runtime, budget, dense, log, step=t,
+                                     widths=widths)
         arch["pruning_history"] = arch["pruning_history"] + history
         epochs = pp["finetune_epochs"] + (pp["final_epochs"] if t == pp["steps"] else 0)
         record["finetune"] = train(finetune_params(params, epochs), run_dir / f"step{t}", log, model=model, arch=arch)

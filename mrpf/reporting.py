@@ -59,7 +59,7 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
     """One row per evaluated model of the active grid (dense first), with the paired
     PGD-20 difference to ``uniform_l1`` at the same sparsity where both exist."""
     from . import workflow
-    from .statistics import paired_difference
+    from .statistics import seed_image_difference
 
     results = Path(results)
     _, grid = workflow.active_grid(config)
@@ -92,7 +92,8 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
             base = outcomes.get((BASELINE, key[1]))
             mine = outcomes.get(key)
             if key[1] is not None and base is not None and mine is not None:
-                row["delta_pgd"] = paired_difference(mine, base)
+                # outcomes of each seed as rows (one seed per run folder today: the paired interval)
+                row["delta_pgd"] = seed_image_difference(mine[None, :], base[None, :])
     return rows
 
 
@@ -116,7 +117,9 @@ def summary_markdown(rows: list[dict], grid_name: str) -> str:
     out.write(f"# mrpf report: grid `{grid_name}`\n\n"
               "Accuracies in % on the evaluated test images; reduction = MACs removed relative to the dense "
               "model; Δ PGD-20 = paired difference to `uniform_l1` at the same sparsity with its 95 % "
-              "confidence interval over the same test images (mrpf/statistics.py). Written by `mrpf report`.\n")
+              "confidence interval over fine-tuning seeds and test images (`seed_image_difference` in "
+              "mrpf/statistics.py; with one seed, the paired t-interval over the same test images). "
+              "Written by `mrpf report`.\n")
     tables: dict[tuple, list[dict]] = {}
     for row in rows:
         tables.setdefault((row["dataset"], row["arch"], row["tm"]), []).append(row)

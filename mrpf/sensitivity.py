@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from . import data as data_mod
 from .attacks import pgd
 from .devices import Runtime
+from .errors import MrpfError
 from .groups import Group, channel_magnitude, masked
 from .objectives import Adversary
 
@@ -65,7 +66,24 @@ def probe_channels(model, group: Group, ratio: float) -> torch.Tensor:
 
 def compute_mrs(model, groups: list[Group], calibration: data_mod.ImageSet, adversary: Adversary,
                 runtime: Runtime, settings: MrsSettings, batch_size: int = 256, log=None) -> dict:
-    """MRS of every group, with the probe's robust loss and accuracy (the content of mrs.json)."""
+    """MRS of every group, with the probe's robust loss and accuracy (the content of mrs.json).
+
+    The probe attacks draw from ``settings.seed``; torch's global random state is restored
+    afterwards, so measuring MRS does not change what a caller draws next.
+    """
+    if len(calibration) == 0:
+        raise MrpfError("MRS needs calibration images: data.calibration_size must be positive")
+    with seeded_scope(runtime.device):
+        return _compute_mrs(model, groups, calibration, adversary, runtime, settings, batch_size, log)
+
+
+def seeded_scope(device: torch.device):
+    """A scope whose ``torch.manual_seed`` calls leave the caller's random state (CPU and
+    ``device``) as it was."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def _compute_mrs(model, groups, calibration, adversary, runtime, settings, batch_size, log) -> dict:
     batches = list(data_mod.Batches(calibration, batch_size, runtime.device, channels_last=runtime.channels_last))
     attack = None if settings.signal == "clean" else adversary
     was_training = model.training

@@ -19,7 +19,7 @@ import torch
 from . import data as data_mod
 from . import devices
 from .attacks import pgd
-from .config import as_float
+from .config import as_float, pgd_step_size
 from .errors import MrpfError
 from .gradient_step import GradientStep
 from .io import atomic_path, crash_point, load_checkpoint, remove_stale_temporaries, save_checkpoint, write_json
@@ -32,11 +32,11 @@ METRICS_FILE = "train_metrics.json"
 
 
 def adversary_from(params: dict) -> Adversary:
-    eps = as_float(params["attack"]["eps"], "attack.eps")
+    """The training attack: attack.* with train.steps and train.step_size."""
     steps = params["train"]["steps"]
-    step_size = params["train"]["step_size"]
-    step_size = 2.5 * eps / max(steps, 1) if step_size is None else as_float(step_size, "train.step_size")
-    return Adversary(eps=eps, step_size=step_size, steps=steps, norm=params["attack"]["norm"])
+    return Adversary(eps=as_float(params["attack"]["eps"], "attack.eps"),
+                     step_size=pgd_step_size(params, "train.step_size", steps), steps=steps,
+                     norm=params["attack"]["norm"])
 
 
 def make_optimizer(model: torch.nn.Module, train: dict, device: torch.device) -> torch.optim.Optimizer:
@@ -151,7 +151,8 @@ def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Modul
     """Train a model as ``params`` say; write ``checkpoint.pt`` and ``train_metrics.json`` to ``run_dir``.
 
     With ``model`` and ``arch`` (a pruned model being fine-tuned), train that model instead of
-    a freshly initialised one.
+    a freshly initialised one; on return it holds the weights that were validated and saved
+    (with ``train.ema_decay``, the EMA), so pruning goes on from the checkpoint's model.
     """
     run_dir = Path(run_dir)
     runtime = devices.setup(params["device"], log)
@@ -159,7 +160,7 @@ def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Modul
     objective = OBJECTIVES[tp["method"]]
     adversary = adversary_from(params)
     eps = adversary.eps
-    val_adversary = Adversary(eps=eps, step_size=as_float(params["evaluate"]["step_size"], "evaluate.step_size"),
+    val_adversary = Adversary(eps=eps, step_size=pgd_step_size(params, "evaluate.step_size", tp["val_pgd_steps"]),
                               steps=tp["val_pgd_steps"], norm=adversary.norm)
     splits = data_mod.load_splits(params, with_test=False)
     spec = splits.spec
@@ -249,4 +250,6 @@ def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Modul
     save_checkpoint(run_dir / CHECKPOINT_FILE, arch, eval_model.state_dict(), epoch=tp["epochs"], params=params)
     write_json(run_dir / METRICS_FILE, summary)
     resume_path.unlink(missing_ok=True)
+    if ema is not None:   # the caller's model (a pruned model being fine-tuned) goes on as the one saved
+        model.load_state_dict(ema.module.state_dict())
     return summary

@@ -24,7 +24,7 @@ TINY_GRID = {
     "params": {
         "data": {"val_size": 100, "calibration_size": 64},
         "train": {"epochs": 1, "batch_size": 64, "steps": 1, "val_pgd_steps": 1},
-        "evaluate": {"n_images": 100, "pgd_steps": 2, "attacks": ["clean", "fgsm", "pgd", "cw"],
+        "evaluate": {"n_images": 100, "pgd_steps": 2, "step_size": None, "attacks": ["clean", "fgsm", "pgd", "cw"],
                      "autoattack_images": 0, "latency_repeats": 2, "latency_batch": 8},
         "mrs": {"steps": 1, "batch_size": 64},
         "prune": {"steps": 1, "finetune_epochs": 1, "final_epochs": 0},

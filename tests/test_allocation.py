@@ -24,7 +24,7 @@ def test_budget_is_met_within_one_point(name, metric, budget):
                            r_max=0.95)
     assert abs(out["achieved"] - budget) <= 0.01, out["achieved"]
     assert max(out["ratios"]) <= 0.95 + 1e-9
-    pruned, _ = allocation.prune_copy(model, 32, 10, out["ratios"])
+    pruned, _ = allocation.prune_copy(model, 32, 10, out["ratios"], caps=out["caps"])
     dense = allocation.count(model, 32)[metric]
     assert abs(1 - allocation.count(pruned, 32)[metric] / dense - budget) <= 0.01
 
@@ -72,7 +72,7 @@ def test_rounded_removal_keeps_multiples(channels, n, round_to, expected):
 def test_round_to_keeps_multiples_of_eight_and_meets_the_budget(name):
     model, found, mrs = _setup(name)
     out = allocation.solve(model, found, mrs, input_size=32, num_classes=10, budget=0.5, round_to=8)
-    pruned, _ = allocation.prune_copy(model, 32, 10, out["ratios"], round_to=8)
+    pruned, _ = allocation.prune_copy(model, 32, 10, out["ratios"], round_to=8, caps=out["caps"])
     _, kept = groups.find_groups(pruned, 32, 10)
     assert all(g.channels % 8 == 0 for g, dense in zip(kept, found) if dense.channels >= 8)
     assert any(g.channels != dense.channels for g, dense in zip(kept, found))
@@ -87,10 +87,64 @@ def test_global_ranking_methods_round_too():
     graph, found = groups.find_groups(model, 32, 10)
     scores = [groups.channel_magnitude(model, g) for g in found]
     dense = allocation.count(model, 32)
-    remove, achieved = _global_plan(model, found, scores, 0.5, "macs", 0.9, 32, 10, dense, round_to=8)
+    caps = [allocation.removal_cap(g.channels, g.channels, 0.9) for g in found]
+    remove, achieved = _global_plan(model, found, scores, 0.5, "macs", caps, 32, 10, dense, round_to=8)
     assert achieved >= 0.5
     assert all((g.channels - len(remove[g.id])) % 8 == 0 for g in found if remove[g.id])
     for g in found:   # the removed channels are the group's lowest-scored ones
         kept_scores = [s for c, s in enumerate(scores[found.index(g)].tolist()) if c not in remove[g.id]]
         removed_scores = [scores[found.index(g)][c].item() for c in remove[g.id]]
         assert not removed_scores or max(removed_scores) <= min(kept_scores)
+
+
+@pytest.mark.parametrize("channels, dense, r_max, expected", [
+    (64, 64, 0.5, 32),     # first step: half the dense width
+    (40, 64, 0.5, 8),      # a later step: 24 already gone, 8 more reach the dense cap of 32
+    (32, 64, 0.5, 0),      # the cap is reached: nothing more, whatever the step's ratio
+    (15, 15, 0.9, 13),     # floor(0.9 * 15) = 13, not round(13.5) = 14
+    (10, 10, 1.0, 9),      # one channel always stays
+])
+def test_removal_cap_holds_r_max_against_the_dense_width(channels, dense, r_max, expected):
+    assert allocation.removal_cap(channels, dense, r_max) == expected
+
+
+@pytest.mark.parametrize("channels, n, round_to, cap, expected", [
+    (64, 21, 8, 20, 16),   # nearest multiple would remove 24 > cap: rounded up to keep 48
+    (64, 30, 8, 30, 24),   # nearest keeps 32 (removes 32 > 30): keeps 40
+    (20, 5, 8, 3, 3),      # no multiple of 8 fits under the cap: the cap, unrounded
+])
+def test_rounded_removal_never_passes_the_cap(channels, n, round_to, cap, expected):
+    assert allocation.rounded_removal(channels, n, round_to, cap) == expected
+
+
+def test_allocation_and_global_thresholds_share_the_cap():
+    """A group every method would empty loses exactly removal_cap channels, by either path."""
+    from mrpf.pruning import _global_plan
+
+    model, found, mrs = _setup("vgg16_w4")
+    dense = allocation.count(model, 32)
+    caps = [allocation.removal_cap(g.channels, g.channels, 0.3) for g in found]
+    target = 2
+    scores = [torch.full((g.channels,), 1.0 if g.id != target else 0.0) + torch.rand(g.channels) * 1e-3
+              for g in found]
+    remove, _ = _global_plan(model, found, scores, 0.05, "macs", caps, 32, 10, dense)
+    assert len(remove[target]) == caps[target] == int(0.3 * found[target].channels)
+    low = [100.0 if g.id != target else 1e-6 for g in found]     # the allocation sends it to its cap
+    out = allocation.solve(model, found, low, input_size=32, num_classes=10, budget=0.05, r_max=0.3,
+                           cost_aware=False)
+    pruned, _ = allocation.prune_copy(model, 32, 10, out["ratios"], caps=out["caps"])
+    _, kept = groups.find_groups(pruned, 32, 10)
+    assert found[target].channels - kept[target].channels == caps[target]
+
+
+def test_cost_aware_ratios_follow_weight_over_mrs_to_the_alpha_before_the_cap():
+    model, found, _ = _setup("vgg16_w4")
+    mrs = [0.5 + 0.1 * i for i in range(len(found))]
+    out = allocation.solve(model, found, mrs, input_size=32, num_classes=10, budget=0.3, alpha=1.5, r_max=0.9)
+    costs = allocation.group_costs(model, found, 32, "macs")
+    total = sum(c * g.channels for c, g in zip(costs, found))
+    expected = [out["lambda"] * (c * g.channels / total) / s ** 1.5 for c, g, s in zip(costs, found, mrs)]
+    uncapped = [(r, e) for r, e, g in zip(out["ratios"], expected, found) if e < 0.9 * (int(0.9 * g.channels) / g.channels)]
+    assert len(uncapped) >= 3
+    assert all(r == pytest.approx(e, rel=1e-9) for r, e in uncapped)
+    assert all(r <= int(0.9 * g.channels) / g.channels + 1e-12 for r, g in zip(out["ratios"], found))

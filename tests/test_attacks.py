@@ -100,13 +100,65 @@ def test_margin_loss_is_best_other_minus_true():
     assert attacks.margin_loss(logits, torch.tensor([1, 0])).tolist() == [-1.0, -4.0]
 
 
-def test_restarts_never_do_worse_than_one_start(trained):
+def test_restarts_keep_for_each_image_the_first_start_that_fools_it(trained):
+    """restarts=3 equals three single-start runs drawn in sequence, per image the first that
+    misclassifies (the image itself where none does)."""
     model, x, y = trained
     torch.manual_seed(1)
-    one = accuracy(model, attacks.pgd(model, x, y, eps=4 / 255, step_size=1 / 255, steps=2), y)
+    three = attacks.pgd(model, x, y, eps=16 / 255, step_size=4 / 255, steps=2, restarts=3)
     torch.manual_seed(1)
-    three = accuracy(model, attacks.pgd(model, x, y, eps=4 / 255, step_size=1 / 255, steps=2, restarts=3), y)
-    assert three <= one
+    singles = [attacks.pgd(model, x, y, eps=16 / 255, step_size=4 / 255, steps=2) for _ in range(3)]
+    with torch.no_grad():
+        fooled = [model(s).argmax(1) != y for s in singles]
+    expected = x.clone()
+    taken = torch.zeros(len(x), dtype=torch.bool)
+    for single, wrong in zip(singles, fooled):
+        expected[wrong & ~taken] = single[wrong & ~taken]
+        taken |= wrong
+    assert taken.any() and not taken.all()          # some images fall to a restart, some to none
+    assert sum(bool(w.any()) for w in fooled) >= 2
+    assert torch.equal(three, expected)
+
+
+class LinearNet(torch.nn.Module):
+    """logits = W x + b on flattened pixels: input gradients by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_one_pgd_step_matches_a_hand_computation(norm):
+    torch.manual_seed(0)
+    model = LinearNet()
+    x = torch.rand(4, 3, 2, 2) * 0.6 + 0.2
+    y = torch.tensor([0, 1, 2, 0])
+    eps, step = (8 / 255, 2 / 255) if norm == "linf" else (0.5, 0.1)
+    x_adv = attacks.pgd(model, x, y, eps=eps, step_size=step, steps=1, norm=norm, random_start=False)
+    with torch.no_grad():   # d CE / d x = W^T (softmax(z) - onehot(y))
+        z = model(x)
+        grad = ((F.softmax(z, 1) - F.one_hot(y, 3).float()) @ model.fc.weight).view_as(x)
+        if norm == "linf":
+            expected = x + step * grad.sign()
+        else:
+            expected = x + step * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    assert torch.allclose(x_adv, expected.clamp(0, 1), atol=1e-6)
+
+
+def test_l2_fgsm_steps_to_the_l2_sphere_not_the_linf_corner():
+    torch.manual_seed(0)
+    model = LinearNet()
+    x = torch.full((4, 3, 2, 2), 0.5)
+    y = torch.tensor([0, 1, 2, 0])
+    delta = attacks.fgsm(model, x, y, eps=0.3, norm="l2") - x
+    assert torch.allclose(delta.flatten(1).norm(dim=1), torch.full((4,), 0.3), atol=1e-6)
+    assert delta.abs().amax() < 0.3 - 1e-3             # an L-inf step would move every pixel by eps
+    linf = attacks.fgsm(model, x, y, eps=8 / 255) - x
+    assert torch.allclose(linf.abs(), torch.full_like(linf, 8 / 255), atol=1e-6)
 
 
 def test_trades_adversary_raises_the_kl(trained):

@@ -32,7 +32,7 @@ def test_mrs_is_bitwise_repeatable(tiny_data, trained_checkpoint, tmp_path):
     params = load_params(None, tiny_overrides(tiny_data) + ["mrs.steps=2"])
     a, b = twice(lambda d: run_mrs(params, trained_checkpoint, d, log=quiet), tmp_path, "m")
     assert without_timing(a) == without_timing(b)
-    assert any(g["mrs"] > 0 for g in a["groups"])
+    assert any(g["mrs"] > 1e-4 for g in a["groups"])     # not every value is the floor (1e-6)
 
 
 @pytest.mark.slow

@@ -131,3 +131,26 @@ def test_killed_pruning_resumes_to_the_uninterrupted_result(tiny_data, trained_c
     assert without_timing(json.loads((run / "prune.json").read_text())) == \
         without_timing(json.loads((ref / "prune.json").read_text()))
     assert same_weights(run / "checkpoint.pt", ref / "checkpoint.pt")
+
+
+@pytest.mark.slow
+def test_pruning_with_ema_prunes_saves_and_resumes_the_validated_model(tiny_data, trained_checkpoint, tmp_path):
+    """With train.ema_decay the fine-tune validates and saves the EMA; pruning must go on from
+    that model, save it, and a resumed run must end where an uninterrupted one ends."""
+    args = ["prune", "--run", "p", "--checkpoint", str(trained_checkpoint), *tiny_overrides(tiny_data), *PRUNE,
+            "train.ema_decay=0.5"]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    done = mrpf(args, ref)
+    assert done.returncode == 0, done.stderr
+    ref_run = ref / "runs" / "p"
+    assert same_weights(ref_run / "checkpoint.pt", ref_run / "step2" / "checkpoint.pt"), \
+        "the saved pruned model is not the fine-tune's validated (EMA) model"
+    killed = mrpf(args, tmp_path, crash="batch:12")          # mid-epoch in step 2's fine-tune
+    assert killed.returncode == -9, killed.stderr
+    done = mrpf(args, tmp_path)
+    assert done.returncode == 0 and "resuming p after step 1/2" in done.stderr, done.stderr
+    run = tmp_path / "runs" / "p"
+    assert without_timing(json.loads((run / "prune.json").read_text())) == \
+        without_timing(json.loads((ref_run / "prune.json").read_text()))
+    assert same_weights(run / "checkpoint.pt", ref_run / "checkpoint.pt")

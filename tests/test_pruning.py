@@ -2,10 +2,16 @@ import json
 import subprocess
 import sys
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from mrpf import groups, pruning
 from mrpf.config import load_params
+from mrpf.data import ImageSet
+from mrpf.models import Classifier
 from mrpf.devices import setup
 from mrpf.evaluation import load_model
 from mrpf.pruning import METHODS, run_prune
@@ -25,15 +31,33 @@ def dense(tiny_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_prunes_to_the_budget_and_fine_tunes(tiny_data, dense, tmp_path, method):
+def test_every_method_prunes_to_the_budget_and_fine_tunes(tiny_data, dense, tmp_path, method, monkeypatch):
+    from mrpf import training
+
+    optimiser_steps = []
+
+    def counting(*args, **kwargs):
+        optimiser = make_optimizer(*args, **kwargs)
+        step = optimiser.step
+        optimiser.step = lambda *a, **k: (optimiser_steps.append(1), step(*a, **k))[1]
+        return optimiser
+
+    make_optimizer = training.make_optimizer
+    monkeypatch.setattr(training, "make_optimizer", counting)
     params = load_params(None, tiny_overrides(tiny_data) + PRUNE + [f"prune.method={method}", "prune.sparsity=0.5"])
     summary = run_prune(params, dense, tmp_path / "p", log=lambda m: None)
+    # every method: the same fine-tuning budget, 2 steps x 1 epoch x ceil(500 / 64) batches
+    assert len(optimiser_steps) == 2 * 8
     assert abs(summary["achieved"] - 0.5) <= 0.01
     assert [round(s["budget"], 3) for s in summary["steps"]] == [0.25, 0.5]
     assert abs(summary["steps"][0]["achieved"] - 0.25) <= 0.01
     assert all(0 <= r <= 0.9 + 1e-9 for s in summary["steps"] for r in s["ratios"])
     if method in ("mrpf", "mrpf_clean"):
-        assert all(row["mrs"] > 0 for row in summary["steps"][0]["mrs"]["groups"])
+        result = summary["steps"][0]["mrs"]
+        for row in result["groups"]:
+            assert row["mrs"] == pytest.approx(max(1e-6, (row["probe_loss"] - result["base_loss"])
+                                                   / result["base_loss"]), rel=1e-9)
+        assert any(row["mrs"] > 1e-4 for row in result["groups"])
     model, state = load_model(tmp_path / "p" / "checkpoint.pt", setup(params["device"]))
     assert state["arch"]["pruning_history"]
     assert sum(p.numel() for p in model.parameters()) < 0.75 * 579_098
@@ -69,3 +93,67 @@ def test_cli_mrs_writes_json_and_chart_then_prune_and_evaluate(tiny_data, dense,
 def test_cli_prune_bad_input(tiny_data, dense, tmp_path, args, message):
     done = mrpf("prune", "--run", "p", "--checkpoint", str(dense), *args, *tiny_overrides(tiny_data), cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr
+
+
+def small_model():
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 10))
+    model = Classifier(net, (0.5,) * 3, (0.25,) * 3).eval()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.5, 0.5)
+    _, found = groups.find_groups(model, 8, 10)
+    return model, found
+
+
+def test_global_magnitude_scores_are_mean_absolute_weights_of_the_groups_channels():
+    model, found = small_model()
+    conv, bn = model.net[0], model.net[1]
+    expected = ((conv.weight.abs().sum((1, 2, 3)) + conv.bias.abs() + bn.weight.abs() + bn.bias.abs())
+                / (27 + 1 + 1 + 1))
+    first = next(g for g in found if g.root == "net.0")
+    assert torch.allclose(pruning._mean_magnitude(model, first), expected.detach())
+
+
+def test_taylor_adv_scores_are_first_order_taylor_importance_on_the_calibration_set():
+    """With eps = 0 the adversarial examples are the images: |sum_w w * dCE_sum/dw| per channel."""
+    model, found = small_model()
+    gen = torch.Generator().manual_seed(4)
+    calibration = ImageSet(torch.randint(0, 256, (20, 3, 8, 8), generator=gen, dtype=torch.uint8),
+                           torch.randint(0, 10, (20,), generator=gen), [str(i) for i in range(10)])
+    params = load_params(None, ["attack.eps=0", "mrs.steps=1", "mrs.batch_size=8", "device.name=cpu"])
+    runtime = setup(params["device"])
+    scores = pruning._taylor(model, found, calibration, params, runtime)
+    reference = copy.deepcopy(model)
+    F.cross_entropy(reference(calibration.x.float() / 255), calibration.y, reduction="sum").backward()
+    conv, bn = reference.net[0], reference.net[1]
+    by_hand = ((conv.weight * conv.weight.grad).sum((1, 2, 3)) + conv.bias * conv.bias.grad
+               + bn.weight * bn.weight.grad + bn.bias * bn.bias.grad).abs()
+    first = [g.root for g in found].index("net.0")
+    assert torch.allclose(scores[first], by_hand.detach(), rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_random_scores_are_uniform_and_new_at_every_step():
+    _, found = small_model()
+    step1, step2 = pruning.random_scores(found, 0, 1), pruning.random_scores(found, 0, 2)
+    assert all(((s >= 0) & (s < 1)).all() for s in step1)
+    assert not any(torch.equal(a, b) for a, b in zip(step1, step2))
+    assert all(torch.equal(a, b) for a, b in zip(step1, pruning.random_scores(found, 0, 1)))
+
+
+@pytest.mark.slow
+def test_r_max_holds_against_the_dense_width_over_all_steps(tiny_data, dense, tmp_path):
+    """global_magnitude sends its cuts to few groups: over 3 steps none may lose more than
+    floor(r_max * dense width) channels."""
+    params = load_params(None, tiny_overrides(tiny_data) + PRUNE + [
+        "prune.method=global_magnitude", "prune.sparsity=0.6", "prune.r_max=0.5", "prune.steps=3",
+        "prune.finetune_epochs=0"])
+    summary = run_prune(params, dense, tmp_path / "p", log=lambda m: None)
+    widths = {g["root"]: g["channels"] for g in summary["steps"][0]["groups"]}
+    model, state = load_model(tmp_path / "p" / "checkpoint.pt", setup(params["device"]))
+    _, kept = groups.find_groups(model, 32, 10)
+    assert all(g.channels >= widths[g.root] - int(0.5 * widths[g.root]) for g in kept)
+    assert any(g.channels == widths[g.root] - int(0.5 * widths[g.root]) for g in kept)   # the cap binds

@@ -95,7 +95,9 @@ def test_schedules_stay_positive_and_peak_at_lr(schedule):
 def test_each_method_trains_and_writes_its_outputs(tiny_data, tmp_path, method):
     params = load_params(None, tiny_overrides(tiny_data) + [f"train.method={method}", "train.epochs=1"])
     summary = train(params, tmp_path / "run", log=quiet)
-    assert summary["method"] == method and 0 <= summary["val_pgd_acc"] <= 1
+    assert summary["method"] == method
+    assert summary["val_pgd_acc"] <= summary["val_clean_acc"]
+    assert round(summary["val_pgd_acc"] * 100, 9) == int(round(summary["val_pgd_acc"] * 100))   # 100 val images
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
     assert not (tmp_path / "run" / "last.pt").exists()
     lines = (tmp_path / "run" / "history.csv").read_text().splitlines()
@@ -216,3 +218,41 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_data, args, message
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and message in done.stderr
     assert not (tmp_path / "runs" / "x" / "checkpoint.pt").exists()
+
+
+def test_l2_evaluation_derives_a_step_that_reaches_the_radius(tiny_data, trained_checkpoint, tmp_path):
+    """Under attack.norm=l2 with evaluate.step_size null, PGD/CW step 2.5 * eps / steps, FGSM takes an
+    L2 step, and the attacks are far stronger than PGD with the L-inf default step of 2/255."""
+    from mrpf.evaluation import evaluate
+
+    base = tiny_overrides(tiny_data) + ["attack.norm=l2", "attack.eps=2.0", "evaluate.attacks=[clean,fgsm,pgd,cw]"]
+    metrics = evaluate(load_params(None, base), trained_checkpoint, tmp_path / "l2.json", log=quiet)
+    assert metrics["norm"] == "l2" and metrics["step_size"] == pytest.approx(2.5 * 2.0 / 3)
+    assert metrics["pgd_acc"] <= metrics["fgsm_acc"] <= metrics["clean_acc"]
+    assert metrics["pgd_acc"] < metrics["clean_acc"] - 0.2
+    # the old default: 3 steps of 2/255 cannot leave a ball of radius 2 (refused now), and is far weaker
+    with pytest.raises(MrpfError, match="cannot reach the l2 radius"):
+        load_params(None, base + ["evaluate.step_size=2/255"])
+    from mrpf.attacks import pgd
+    from mrpf.data import read_npz
+
+    model, _ = load_model(trained_checkpoint, setup(load_params(None, base)["device"]))
+    test = read_npz(tiny_data["test"])
+    x, y = test.x.float() / 255, test.y
+    torch.manual_seed(0)
+    x_short = pgd(model, x, y, eps=2.0, step_size=2 / 255, steps=3, norm="l2")
+    with torch.no_grad():
+        short = model(x_short).argmax(1) == y
+    assert short.float().mean().item() > metrics["pgd_acc"] + 0.2
+
+
+@pytest.mark.parametrize("overrides, step", [
+    (["evaluate.pgd_steps=20"], 2.5 * (8 / 255) / 20),
+    (["evaluate.pgd_steps=20", "evaluate.step_size=2/255"], 2 / 255),
+    (["attack.norm=l2", "attack.eps=0.5", "evaluate.pgd_steps=20"], 0.0625),
+])
+def test_pgd_step_size_is_given_or_derived_from_eps_and_steps(overrides, step):
+    from mrpf.config import pgd_step_size
+
+    params = load_params(None, overrides)
+    assert pgd_step_size(params, "evaluate.step_size", 20) == pytest.approx(step)
