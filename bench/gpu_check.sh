@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: run whenever a session has the lent accelerator (<= 8 minutes on one H100).
+# GPU check: run whenever the lent GPU machine is available (<= 8 minutes on one H100).
 # Runs the CUDA tests, then on the GPU: benchmark a with accuracy (ResNet-18, PGD-10, 10,000
 # real images: mrpf and the reference loop train for the same epochs, as many as fit
 # ACCURACY_BUDGET_S, then clean and PGD-20 test accuracy of both), a with mrpf's CUDA graphs

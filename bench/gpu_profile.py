@@ -61,7 +61,8 @@ def profile_step(device: str, arch: str, bf16: bool, channels_last: bool) -> dic
     n_kernels = sum(e.count for e in kernels) / 3
     return {"bf16": bf16, "channels_last": channels_last, "step_wall_ms": wall, "step_gpu_kernel_ms": gpu_us / 1000,
             "gpu_busy_fraction": gpu_us / 1000 / wall if wall else None, "kernels_per_step": n_kernels,
-            "top_host_ops": [{"op": e.key, "calls_per_step": e.count / 3, "self_cpu_ms_per_step": e.self_cpu_time_total / 3000,
+            "top_host_ops": [{"op": e.key, "calls_per_step": e.count / 3,
+                              "self_cpu_ms_per_step": e.self_cpu_time_total / 3000,
                               "self_gpu_ms_per_step": device_us(e) / 3000} for e in top]}
 
 
@@ -123,7 +124,8 @@ def loop_rates(args, tmp: Path) -> list[dict]:
     loops.append({"loop": "reference (fp32, NCHW, DataLoader)",
                   "images_per_s": reference_train(params, npz)[1][-1]})
     fold_setting = os.environ.get("MRPF_FOLD_BN")
-    configs = [(bf16, cl, "1") for bf16 in (False, True) for cl in (False, True)] + [(True, True, "0"), (True, False, "0")]
+    configs = ([(bf16, cl, "1") for bf16 in (False, True) for cl in (False, True)]
+               + [(True, True, "0"), (True, False, "0")])
     for bf16, channels_last, fold in configs:
         os.environ["MRPF_FOLD_BN"] = fold
         params = bench_params(npz, "pgd_at", args.arch, 10, 128, args.device, bf16, 2)
@@ -178,7 +180,8 @@ def main() -> None:
         run()
         run()
         compile_s = time.perf_counter() - t0
-        result["compile"] = {"bf16": True, "channels_last": False, "eager_step_ms": eager, "compile_and_2_steps_s": compile_s,
+        result["compile"] = {"bf16": True, "channels_last": False, "eager_step_ms": eager,
+                             "compile_and_2_steps_s": compile_s,
                              "compiled_step_ms": 1000 * timed(run, 10, args.device)}
         write(name, result)
 

@@ -34,7 +34,8 @@ def main() -> None:
     recorded = json.loads((checkpoint.parent / "train_metrics.json").read_text())["train_seconds"]
     params = load_params(ROOT / args.params)
     with tempfile.TemporaryDirectory() as out:
-        one = train(load_params(ROOT / args.params, ["train.epochs=1", "train.val_pgd_steps=0"]), out, log=lambda m: None)
+        one = train(load_params(ROOT / args.params, ["train.epochs=1", "train.val_pgd_steps=0"]), out,
+                    log=lambda m: None)
     train_seconds = one["epoch_seconds"] * params["train"]["epochs"]
     result = {"checkpoint": args.checkpoint, "baseline_train_seconds": train_seconds,
               "baseline_epoch_seconds": one["epoch_seconds"], "baseline_epochs": params["train"]["epochs"],

@@ -103,7 +103,8 @@ def main() -> None:
     result = {"batch": args.batch, "cuda_graphs": args.device.startswith("cuda") and args.cuda_graphs == "on",
               "dense": {"latency_ms": dense_ms, "macs": dense_macs}, "pruned": rows}
     if args.per_layer:
-        result["layers"] = {str(path.relative_to(ROOT).parent): per_layer(model, size, runtime, args.batch, args.repeats)
+        result["layers"] = {str(path.relative_to(ROOT).parent):
+                            per_layer(model, size, runtime, args.batch, args.repeats)
                             for path, (model, size) in models.items()}
     write(args.name or f"pruned-speedup-{args.device}", result)
 

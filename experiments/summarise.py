@@ -79,7 +79,8 @@ def main(runs: Path, dense_dir: Path) -> None:
             cb = spread([b["clean_acc"] for _, b in per_seed.values()])
             rows.append([s, f"mean ± sd ({len(per_seed)})", f"{100 * ca['mean']:.2f} ± {100 * ca['sd']:.2f}",
                          f"{100 * cb['mean']:.2f} ± {100 * cb['sd']:.2f}",
-                         f"{100 * da['mean']:.2f} ± {100 * da['sd']:.2f}", f"{100 * db['mean']:.2f} ± {100 * db['sd']:.2f}",
+                         f"{100 * da['mean']:.2f} ± {100 * da['sd']:.2f}",
+                         f"{100 * db['mean']:.2f} ± {100 * db['sd']:.2f}",
                          f"{100 * dd['mean']:+.2f} ± {100 * dd['sd']:.2f} (seed sd)"])
             both = seed_image_difference(np.stack([a["outcomes"]["pgd"] for a, _ in per_seed.values()]),
                                          np.stack([b["outcomes"]["pgd"] for _, b in per_seed.values()]))

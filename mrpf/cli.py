@@ -8,7 +8,6 @@ input prints one line ``mrpf: error: ...`` and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -95,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _workflow_args(p: argparse.ArgumentParser, out: str, out_help: str) -> None:
     """Arguments of the verbs that read the whole params.yaml (its grids), not one run's params."""
-    p.add_argument("--params", default="params.yaml", metavar="FILE", help="params YAML with grids (default: params.yaml)")
+    p.add_argument("--params", default="params.yaml", metavar="FILE",
+                   help="params YAML with grids (default: params.yaml)")
     p.add_argument("--out", default=out, metavar="PATH", help=f"{out_help} (default: {out})")
     p.add_argument("overrides", nargs="*", metavar="grid=NAME", help="grid=NAME picks another grid")
 

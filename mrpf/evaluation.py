@@ -31,8 +31,10 @@ def load_model(checkpoint: str | Path, runtime: devices.Runtime) -> tuple[torch.
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as e:
+        lines = str(e).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else str(e)
         raise MrpfError(f"checkpoint {checkpoint}: weights do not fit architecture "
-                        f"{state['arch'].get('name')!r} ({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+                        f"{state['arch'].get('name')!r} ({detail})") from None
     return runtime.prepare(model).eval(), state
 
 
@@ -114,7 +116,8 @@ def evaluate(params: dict, checkpoint: str | Path, out_path: str | Path, log=pri
                                restarts=ev["restarts"]),
     }
     metrics: dict = {"checkpoint": str(checkpoint), "arch": arch["name"], "eps": eps, "norm": norm,
-                     "pgd_steps": ev["pgd_steps"], "step_size": step, "n_images": len(images), "device": str(runtime.device)}
+                     "pgd_steps": ev["pgd_steps"], "step_size": step, "n_images": len(images),
+                     "device": str(runtime.device)}
     outcomes: dict[str, np.ndarray] = {}
     for name in ev["attacks"]:
         t0 = time.perf_counter()

@@ -13,8 +13,9 @@ learning rate stays a Python float and the schedulers need nothing special. A ba
 another shape (an epoch's last, smaller batch) runs eagerly and leaves its gradients in the
 same ``.grad`` tensors the graph writes. The first ``warmup`` full batches (those shaped
 like the first batch) also run eagerly, on a side stream (cuDNN autotuning and lazy
-initialisation must not happen during capture); they are real training steps. A model whose step cannot be captured (an op that syncs with
-the host) trains eagerly, with one line saying why.
+initialisation must not happen during capture); they are real training steps. A model
+whose step cannot be captured (an op that syncs with the host) trains eagerly, with one
+line saying why.
 
 Why by hand: ``torch.cuda.make_graphed_callables`` graphs a module's forward and backward
 but not a step whose attack differentiates the model with respect to its input inside the

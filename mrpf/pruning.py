@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import allocation, devices, groups as groups_mod
+from . import allocation, devices
 from . import data as data_mod
+from . import groups as groups_mod
 from .attacks import pgd
 from .config import as_float
 from .errors import MrpfError

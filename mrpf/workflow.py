@@ -47,13 +47,15 @@ COMMANDS = {
     "train": "mrpf train --params {params_file} grid={grid} --runs-dir results --run {dataset}/{arch}/{tm}/dense "
              "data.dataset={dataset} data.train_path=data/{dataset}/train.npz data.test_path=data/{dataset}/test.npz "
              "model.arch={arch} train.method={tm}",
-    "evaluate": "mrpf evaluate --params {params_file} grid={grid} --runs-dir results --run {dataset}/{arch}/{tm}/{model} "
+    "evaluate": "mrpf evaluate --params {params_file} grid={grid} --runs-dir results "
+                "--run {dataset}/{arch}/{tm}/{model} "
                 "data.dataset={dataset} data.train_path=data/{dataset}/train.npz "
                 "data.test_path=data/{dataset}/test.npz",
     "mrs": "mrpf mrs --params {params_file} grid={grid} --runs-dir results --run {dataset}/{arch}/{tm}/mrs "
            "--checkpoint results/{dataset}/{arch}/{tm}/dense/checkpoint.pt data.dataset={dataset} "
            "data.train_path=data/{dataset}/train.npz data.test_path=data/{dataset}/test.npz train.method={tm}",
-    "prune": "mrpf prune --params {params_file} grid={grid} --runs-dir results --run {dataset}/{arch}/{tm}/{pm}-{sparsity} "
+    "prune": "mrpf prune --params {params_file} grid={grid} --runs-dir results "
+             "--run {dataset}/{arch}/{tm}/{pm}-{sparsity} "
              "--checkpoint results/{dataset}/{arch}/{tm}/dense/checkpoint.pt --method {pm} --sparsity {sparsity} "
              "data.dataset={dataset} data.train_path=data/{dataset}/train.npz data.test_path=data/{dataset}/test.npz "
              "train.method={tm} prune.finetune_method={tm}",

@@ -3,8 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mrpf import attacks
-from mrpf.models import Classifier, build_model
-
+from mrpf.models import Classifier
 
 EPS = 8 / 255
 

@@ -39,7 +39,8 @@ def setup_files(folder: Path, tiny_data: dict, trained_checkpoint: Path) -> None
 TRAIN = ["train", "--run", "x"]
 CASES = [
     # (name, argv after `mrpf`, message)
-    ("unknown dataset", TRAIN + ["data.dataset=mnist", "data.train_path=null"], "data.dataset: unknown dataset 'mnist'"),
+    ("unknown dataset", TRAIN + ["data.dataset=mnist", "data.train_path=null"],
+     "data.dataset: unknown dataset 'mnist'"),
     ("unknown architecture", TRAIN + ["model.arch=resnet99"], "model.arch: unknown architecture 'resnet99'"),
     ("unknown training method", TRAIN + ["train.method=fgsm_at"], "train.method: unknown value 'fgsm_at'"),
     ("unknown pruning method", ["prune", "--run", "x", "--checkpoint", "{ckpt}", "--method", "l2_norm"],

@@ -107,7 +107,8 @@ def test_tiny_imagenet_layout(tmp_path):
     for k, w in enumerate(wnids):
         (tiny / "train" / w / "images").mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(np.full((64, 64, 3), 100 * k, np.uint8)).save(tiny / "train" / w / "images" / f"{w}_{i}.JPEG")
+            image = Image.fromarray(np.full((64, 64, 3), 100 * k, np.uint8))
+            image.save(tiny / "train" / w / "images" / f"{w}_{i}.JPEG")
     lines = []
     for i in range(4):
         Image.fromarray(np.full((64, 64, 3), 100 * (i % 2), np.uint8)).save(tiny / "val" / "images" / f"val_{i}.JPEG")

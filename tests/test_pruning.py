@@ -1,8 +1,7 @@
+import copy
 import json
 import subprocess
 import sys
-
-import copy
 
 import pytest
 import torch
@@ -11,9 +10,9 @@ import torch.nn.functional as F
 from mrpf import groups, pruning
 from mrpf.config import load_params
 from mrpf.data import ImageSet
-from mrpf.models import Classifier
 from mrpf.devices import setup
 from mrpf.evaluation import load_model
+from mrpf.models import Classifier
 from mrpf.pruning import METHODS, run_prune
 from mrpf.training import train
 
