@@ -1,13 +1,18 @@
 # mrpf pipeline for Snakemake: `snakemake --cores all [--resources gpu=4] [--config grid=paper]`.
 # The plan (stages, paths, commands) lives in mrpf/workflow.py and is shared with dvc.yaml;
 # the rules here only call `mrpf` verbs. See README.md, "The pipeline".
+import os
 from pathlib import Path
 
 from mrpf import workflow as plan
+from mrpf.config import PRUNE_METHODS
 
 configfile: "params.yaml"
 
-PARAMS_FILE = "params.yaml"
+# `snakemake --configfile FILE` plans with FILE (a complete params file) and every job reads it.
+if len(workflow.overwrite_configfiles or []) > 1:
+    raise ValueError("give one --configfile (a complete params file); every job reads that file")
+PARAMS_FILE = os.path.relpath((workflow.overwrite_configfiles or ["params.yaml"])[0])
 plan.validate_config(config, Path(workflow.basedir) / plan.SCHEMA, source=PARAMS_FILE)
 GRID, GRID_SPEC = plan.active_grid(config)
 GPUS = GRID_SPEC.get("gpus_per_job", 1)
@@ -17,15 +22,25 @@ THREADS = GRID_SPEC.get("threads", {})                # CPU threads per job (cap
 
 
 def cmd(stage):
-    """The stage's `mrpf` command for a job's wildcards (mrpf.workflow.COMMANDS)."""
-    return lambda wildcards: plan.command(stage, params_file=PARAMS_FILE, grid=GRID, **dict(wildcards.items()))
+    """The stage's `mrpf` command for a job's wildcards (mrpf.workflow.command)."""
+    return lambda wildcards: plan.command(stage, PARAMS_FILE, GRID, GRID_SPEC, dict(wildcards.items()))
+
+
+def inputs(stage):
+    """The stage's inputs for a job's wildcards, from the plan that also writes dvc.yaml."""
+    return lambda wildcards: plan.job(stage, dict(wildcards.items())).deps
+
+
+def outputs(stage):
+    """The stage's outputs with {wildcards}, from the same plan."""
+    return plan.pattern(stage).outputs
 
 
 wildcard_constraints:
     dataset="[a-z0-9]+",
     arch="[A-Za-z0-9_.:]+",
     tm="[a-z_]+",
-    pm="|".join(plan.PRUNE_PARAMS),
+    pm="|".join(PRUNE_METHODS),
     sparsity=r"0\.[0-9]+",
     model=r"dense|[a-z_0-9]+-0\.[0-9]+",
 

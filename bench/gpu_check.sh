@@ -54,10 +54,10 @@ if [ "$device" = cuda ]; then
 fi
 
 echo "== a, b: PGD-AT, same epochs for both loops, then test accuracy ($(date +%T))"
-step python3 bench/throughput.py --device $device "${size[@]}" --methods pgd_at --accuracy --epochs $epochs \
+step python -m bench.throughput --device $device "${size[@]}" --methods pgd_at --accuracy --epochs $epochs \
   --budget-s "$budget" --name "throughput-$tag-accuracy"
 echo "== a: PGD-AT with mrpf's CUDA graphs off ($(date +%T))"
-step python3 bench/throughput.py --device $device "${size[@]}" --methods pgd_at --warmup-rounds 1 --rounds 1 \
+step python -m bench.throughput --device $device "${size[@]}" --methods pgd_at --warmup-rounds 1 --rounds 1 \
   --cuda-graphs off --name "throughput-$tag-nographs"
 if [ -d .gpu/ckpt ]; then
   ckpt=.gpu/ckpt; dense=$ckpt/dense/checkpoint.pt
@@ -69,7 +69,7 @@ fi
 if [ -f "$dense" ]; then
   for b in "${batches[@]}"; do
     echo "== c: pruned speedup, batch $b, forward replayed from a CUDA graph ($(date +%T))"
-    step python3 bench/pruned_speedup.py --device $device --batch "$b" --dense "$dense" --pruned "${pruned[@]}" \
+    step python -m bench.pruned_speedup --device $device --batch "$b" --dense "$dense" --pruned "${pruned[@]}" \
       --name "pruned-speedup-$tag-b$b"
   done
 else
@@ -77,10 +77,10 @@ else
 fi
 
 echo "== a: TRADES, one epoch each after a discarded warm-up epoch ($(date +%T))"
-step python3 bench/throughput.py --device $device "${size[@]}" --methods trades --warmup-rounds 1 --rounds 1 \
+step python -m bench.throughput --device $device "${size[@]}" --methods trades --warmup-rounds 1 --rounds 1 \
   --name "throughput-$tag-trades"
 echo "== a: PGD-AT with mrpf's bf16 off ($(date +%T))"
-step python3 bench/throughput.py --device $device "${size[@]}" --methods pgd_at --warmup-rounds 1 --rounds 1 \
+step python -m bench.throughput --device $device "${size[@]}" --methods pgd_at --warmup-rounds 1 --rounds 1 \
   --bf16 off --name "throughput-$tag-fp32"
 
 TAG=$tag python3 - <<'PY'

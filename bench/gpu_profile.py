@@ -9,7 +9,7 @@
    kept channels rounded up to a multiple of 8 (tensor-core friendly), fp32/bf16 x NCHW/NHWC.
 4. torch.compile of the model for the same PGD step (compile time, then step time).
 
-    python bench/gpu_profile.py [--images 5120] [--deadline-s 200] [--parts loops profile latency compile]
+    python -m bench.gpu_profile [--images 5120] [--deadline-s 200] [--parts loops profile latency compile]
         [--latency-batch 2048 ...]
 Results: bench/results/gpu-profile-DEVICE.json, written after every part.
 """
@@ -19,27 +19,24 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, timed, write  # noqa: E402
-from throughput import bench_params, mrpf_train, reference_train, subset_npz, training_step  # noqa: E402
-
-from mrpf import groups as groups_mod  # noqa: E402
-from mrpf.devices import setup  # noqa: E402
-from mrpf.evaluation import load_model  # noqa: E402
-from mrpf.models import build_model  # noqa: E402
+from bench.common import ROOT, timed, write
+from bench.throughput import bench_params, mrpf_train, reference_train, subset_npz, training_step
+from mrpf import groups as groups_mod
+from mrpf.config import DeviceParams
+from mrpf.devices import setup
+from mrpf.models import build_model, count_ops, load_model
 
 
 def profile_step(device: str, arch: str, bf16: bool, channels_last: bool) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    runtime = setup({"name": device, "threads": None, "channels_last": channels_last, "bf16": bf16})
+    runtime = setup(DeviceParams(name=device, channels_last=channels_last, bf16=bf16))
     model = runtime.prepare(build_model(arch, 10, 32)).train()
     run = training_step(model, runtime, "pgd_at", 128, 10)
     for _ in range(3):
@@ -82,12 +79,12 @@ def rounded_copy(dense: torch.nn.Module, pruned: torch.nn.Module, size: int, cla
 
 
 def latency_table(device: str, batch: int) -> list[dict]:
-    from mrpf.evaluation import count_macs, latency_ms
+    from mrpf.evaluation import latency_ms
 
     base = ROOT / ".gpu" / "ckpt" if (ROOT / ".gpu" / "ckpt").is_dir() else None
     if base is None:
         return []
-    cpu = setup({"name": "cpu", "threads": None, "channels_last": False, "bf16": False})
+    cpu = setup(DeviceParams(name="cpu", channels_last=False, bf16=False))
     dense, state = load_model(base / "dense" / "checkpoint.pt", cpu)
     size, classes = state["arch"]["input_size"], state["arch"]["num_classes"]
     models = {"dense": dense}
@@ -98,13 +95,13 @@ def latency_table(device: str, batch: int) -> list[dict]:
     rows = []
     for bf16 in (False, True):
         for channels_last in (False, True):
-            runtime = setup({"name": device, "threads": None, "channels_last": channels_last, "bf16": bf16})
+            runtime = setup(DeviceParams(name=device, channels_last=channels_last, bf16=bf16))
             dtype = torch.bfloat16 if bf16 else torch.float32
             ms = {}
             for name, model in models.items():
                 m = runtime.prepare(copy.deepcopy(model)).eval().to(dtype)
                 ms[name] = min(latency_ms(m, size, runtime, batch, 20, dtype) for _ in range(2))
-            macs = {name: count_macs(runtime.prepare(copy.deepcopy(m)).eval(), size, runtime.device)
+            macs = {name: count_ops(runtime.prepare(copy.deepcopy(m)).eval(), size)["macs"]
                     for name, m in models.items()}
             for name in models:
                 rows.append({"model": name, "bf16": bf16, "channels_last": channels_last, "batch": batch,
@@ -129,7 +126,7 @@ def loop_rates(args, tmp: Path) -> list[dict]:
     for bf16, channels_last, fold in configs:
         os.environ["MRPF_FOLD_BN"] = fold
         params = bench_params(npz, "pgd_at", args.arch, 10, 128, args.device, bf16, 2)
-        params["device"]["channels_last"] = channels_last
+        params = params.replace("device", channels_last=channels_last)
         _, rates = mrpf_train(params, tmp / f"{bf16}-{channels_last}-{fold}")
         loops.append({"loop": f"mrpf bf16={bf16} channels_last={channels_last} fold_bn={fold == '1'}",
                       "images_per_s": rates[-1]})
@@ -171,7 +168,7 @@ def main() -> None:
             result[part] = {"error": repr(e)}
         write(name, result)
     if "compile" in args.parts and time.monotonic() - start < args.deadline_s:
-        runtime = setup({"name": args.device, "threads": None, "channels_last": False, "bf16": True})
+        runtime = setup(DeviceParams(name=args.device, channels_last=False, bf16=True))
         model = runtime.prepare(build_model(args.arch, 10, 32)).train()
         eager = 1000 * timed(training_step(model, runtime, "pgd_at", 128, 10), 5, args.device)
         compiled = torch.compile(model)

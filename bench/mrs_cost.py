@@ -4,25 +4,21 @@ default probe attack (PGD-5), with the rank agreement of the two MRS vectors (Sp
 The baseline's training time is measured now, with the same code: one epoch of its recipe
 times its epochs (the time recorded with the checkpoint came from older code).
 
-    python bench/mrs_cost.py [--params configs/core-acceptance.yaml] [--checkpoint runs/core-acceptance/checkpoint.pt]
+    python -m bench.mrs_cost [--params configs/core-acceptance.yaml] [--checkpoint runs/core-acceptance/checkpoint.pt]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
-from pathlib import Path
 
 from scipy import stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write  # noqa: E402
-
-from mrpf.config import load_params  # noqa: E402
-from mrpf.pruning import run_mrs  # noqa: E402
-from mrpf.training import train  # noqa: E402
+from bench.common import ROOT, write
+from mrpf.config import load_params
+from mrpf.sensitivity import run_mrs
+from mrpf.training import train
 
 
 def main() -> None:
@@ -36,9 +32,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         one = train(load_params(ROOT / args.params, ["train.epochs=1", "train.val_pgd_steps=0"]), out,
                     log=lambda m: None)
-    train_seconds = one["epoch_seconds"] * params["train"]["epochs"]
+    train_seconds = one["epoch_seconds"] * params.train.epochs
     result = {"checkpoint": args.checkpoint, "baseline_train_seconds": train_seconds,
-              "baseline_epoch_seconds": one["epoch_seconds"], "baseline_epochs": params["train"]["epochs"],
+              "baseline_epoch_seconds": one["epoch_seconds"], "baseline_epochs": params.train.epochs,
               "recorded_train_seconds": recorded}
     mrs = {}
     for steps in (10, 5):

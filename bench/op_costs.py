@@ -6,23 +6,19 @@
 - one TRADES training step of mrpf (VGG-11÷8, PGD-5, batch 128, channels_last, fp32) and the
   share its costliest ops take (torch.profiler).
 
-    python bench/op_costs.py          -> bench/results/op-costs.json
+    python -m bench.op_costs          -> bench/results/op-costs.json
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import timed, write  # noqa: E402
-from throughput import training_step  # noqa: E402
-
-from mrpf.attacks import _gaussian_like  # noqa: E402
-from mrpf.devices import setup  # noqa: E402
-from mrpf.models import build_model  # noqa: E402
+from bench.common import timed, write
+from bench.throughput import training_step
+from mrpf.attacks import _gaussian_like
+from mrpf.config import DeviceParams
+from mrpf.devices import setup
+from mrpf.models import build_model
 
 
 def ms(fn, repeats: int = 10) -> float:
@@ -39,7 +35,7 @@ def batch_norm_ms(layout: torch.memory_format) -> float:
 def trades_profile() -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    runtime = setup({"name": "cpu", "threads": None, "channels_last": True, "bf16": False})
+    runtime = setup(DeviceParams(name="cpu", channels_last=True, bf16=False))
     model = runtime.prepare(build_model("vgg11_w8", 10, 32)).train()
     step = training_step(model, runtime, "trades", 128, 5)
     step_ms = ms(step, 5)

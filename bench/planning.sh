@@ -15,8 +15,7 @@ jobs=$(grep -E "^total" snakemake.txt | head -1 | awk '{print $2}')
 cd - >/dev/null
 python3 - "$t0" "$t1" "$t2" "$t3" "$jobs" <<'PY'
 import sys
-sys.path.insert(0, "bench")
-from common import write
+from bench.common import write
 t0, t1, t2, t3 = map(float, sys.argv[1:5])
 write("planning", {"grid": "paper", "snakemake_jobs": int(sys.argv[5]), "snakemake_dry_run_s": t1 - t0,
                    "dvc_status_s": t3 - t2, "target_s": 10})

@@ -5,9 +5,9 @@ one batch, interleaved rounds) against the MACs ratio = dense MACs / pruned MACs
 target is speedup >= 0.7 x MACs ratio on CPU (0.8 on an H100). Latency does not depend on
 the weights, only on the channel counts, so any pruned checkpoint of the dense model works.
 
-    python bench/pruned_speedup.py [--dense runs/core-acceptance/checkpoint.pt]
+    python -m bench.pruned_speedup [--dense runs/core-acceptance/checkpoint.pt]
         [--pruned runs/compare/{uniform_l1,mrpf}-{0.5,0.7}-s0/checkpoint.pt] [--batch 128] [--device cpu] [--name NAME]
-    python bench/pruned_speedup.py --per-layer --name pruned-layers-cpu   # where each model's time goes
+    python -m bench.pruned_speedup --per-layer --name pruned-layers-cpu   # where each model's time goes
 
 ``--per-layer`` adds, per model, each convolution's MACs and median forward time (timed by
 module hooks, the GPU synchronised around each), to show which layers the time stays in.
@@ -19,15 +19,14 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write  # noqa: E402
-
-from mrpf.devices import setup  # noqa: E402
-from mrpf.evaluation import count_macs, latency_ms, load_model  # noqa: E402
+from bench.common import ROOT, write
+from mrpf.config import DeviceParams
+from mrpf.devices import setup
+from mrpf.evaluation import latency_ms, load_model
+from mrpf.models import count_ops
 
 DEFAULT_PRUNED = [f"runs/compare/{m}-{s}-s0/checkpoint.pt" for s in ("0.5", "0.7") for m in ("uniform_l1", "mrpf")]
 
@@ -76,8 +75,8 @@ def main() -> None:
     p.add_argument("--per-layer", action="store_true", help="also each convolution's MACs and time, per model")
     p.add_argument("--name", default=None, help="results file name (default: pruned-speedup-DEVICE)")
     args = p.parse_args()
-    runtime = setup({"name": args.device, "threads": None, "channels_last": True, "bf16": False,
-                     "cuda_graphs": args.cuda_graphs == "on"})
+    runtime = setup(DeviceParams(name=args.device, channels_last=True, bf16=False,
+                                 cuda_graphs=args.cuda_graphs == "on"))
     paths = [ROOT / args.dense] + [ROOT / q for q in args.pruned]
     models = {}
     for path in paths:
@@ -92,11 +91,11 @@ def main() -> None:
             times[path].append(latency_ms(model, size, runtime, args.batch, args.repeats))
     dense_path = paths[0]
     dense_ms = statistics.median(times[dense_path])
-    dense_macs = count_macs(models[dense_path][0], models[dense_path][1], runtime.device)
+    dense_macs = count_ops(models[dense_path][0], models[dense_path][1])["macs"]
     rows = []
     for path in paths[1:]:
         ms = statistics.median(times[path])
-        macs = count_macs(models[path][0], models[path][1], runtime.device)
+        macs = count_ops(models[path][0], models[path][1])["macs"]
         speedup, macs_ratio = dense_ms / ms, dense_macs / macs
         rows.append({"model": str(path.relative_to(ROOT).parent), "latency_ms": ms, "macs": macs,
                      "speedup": speedup, "macs_ratio": macs_ratio, "speedup_over_macs_ratio": speedup / macs_ratio})

@@ -10,8 +10,8 @@ models to 50 % and 70 % fewer MACs (kept channels rounded to multiples of 8, as
 - ``deep``: deeper groups lose more (synthetic MRS falling with depth, alpha = 1), the shape
   MRPF gave VGG-11, whose early layers came out most sensitive.
 
-    python bench/pruned_width.py [--archs resnet18 vgg16] [--batches 256 2048] [--device cuda]
-    python bench/pruned_width.py --profile --archs resnet18 --batches 2048   # where the GPU time goes
+    python -m bench.pruned_width [--archs resnet18 vgg16] [--batches 256 2048] [--device cuda]
+    python -m bench.pruned_width --profile --archs resnet18 --batches 2048   # where the GPU time goes
 Results: bench/results/pruned-width-DEVICE.json (with --profile: pruned-width-profile-DEVICE.json).
 
 ``--profile`` instead sums, per forward pass of the dense model and of each pruned one, the
@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write  # noqa: E402
-
-from mrpf import groups as groups_mod  # noqa: E402
-from mrpf.allocation import prune_copy, solve  # noqa: E402
-from mrpf.devices import setup  # noqa: E402
-from mrpf.evaluation import count_macs, latency_ms  # noqa: E402
-from mrpf.models import build_model  # noqa: E402
+from bench.common import write
+from mrpf import groups as groups_mod
+from mrpf.allocation import prune_copy, solve
+from mrpf.config import DeviceParams
+from mrpf.devices import setup
+from mrpf.evaluation import latency_ms
+from mrpf.models import build_model, count_ops
 
 
 def pruned_models(arch: str, budgets: list[float]) -> dict[str, torch.nn.Module]:
@@ -99,7 +96,7 @@ def settings(args):
     for arch in args.archs:
         models = pruned_models(arch, args.budgets)
         for bf16 in (False, True):
-            runtime = setup({"name": args.device, "threads": None, "channels_last": True, "bf16": bf16})
+            runtime = setup(DeviceParams(name=args.device, channels_last=True, bf16=bf16))
             yield arch, models, bf16, runtime, torch.bfloat16 if bf16 else torch.float32
 
 
@@ -132,7 +129,7 @@ def main() -> None:
     rows = []
     for arch, models, bf16, runtime, dtype in settings(args):
         ready = {name: runtime.prepare(m).to(dtype) for name, m in models.items()}
-        macs = {name: count_macs(m.float(), 32, runtime.device) for name, m in ready.items()}
+        macs = {name: count_ops(m.float(), 32)["macs"] for name, m in ready.items()}
         ready = {name: m.to(dtype) for name, m in ready.items()}
         for batch in args.batches:
             times = {name: [] for name in ready}

@@ -11,8 +11,8 @@ a. Adversarial-training throughput (images/s) of `mrpf`'s training loop (mrpf.tr
 b. Step efficiency: time of one PGD-k training step / ((k + 1) x time of one clean
    forward-backward step), 1.0 being the limit.
 
-    python bench/throughput.py [--device cpu|cuda] [--arch vgg11_w8] [--steps 5] [--images 2560]
-    python bench/throughput.py --device cuda --arch resnet18 --steps 10 --images 10000 \
+    python -m bench.throughput [--device cpu|cuda] [--arch vgg11_w8] [--steps 5] [--images 2560]
+    python -m bench.throughput --device cuda --arch resnet18 --steps 10 --images 10000 \
         --accuracy --epochs 10 --budget-s 240     # the GPU check
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,17 +29,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED, timed, write  # noqa: E402
-
-from mrpf.attacks import pgd  # noqa: E402
-from mrpf.config import load_params  # noqa: E402
-from mrpf.data import read_npz, spec_for  # noqa: E402
-from mrpf.devices import setup  # noqa: E402
-from mrpf.evaluation import correct_under, load_model  # noqa: E402
-from mrpf.models import arch_description, build_model, instantiate  # noqa: E402
-from mrpf.statistics import paired_difference  # noqa: E402
-from mrpf.training import CHECKPOINT_FILE, HISTORY_FILE, make_optimizer, make_scheduler, train  # noqa: E402
+from bench.common import SHARED, timed, write
+from mrpf.attacks import pgd
+from mrpf.config import DeviceParams, Params, load_params
+from mrpf.data import read_npz, spec_for
+from mrpf.devices import setup
+from mrpf.evaluation import correct_under, load_model
+from mrpf.models import arch_description, build_model, instantiate
+from mrpf.statistics import paired_difference
+from mrpf.training import CHECKPOINT_FILE, HISTORY_FILE, make_optimizer, make_scheduler, train
 
 EPS = 8 / 255
 
@@ -74,7 +71,7 @@ def params_of(args, npz: Path, method: str, bf16: bool, epochs: int) -> dict:
                         args.cuda_graphs == "on")
 
 
-def mrpf_train(params: dict, folder: Path) -> tuple[Path, list[float]]:
+def mrpf_train(params: Params, folder: Path) -> tuple[Path, list[float]]:
     """mrpf's own loop; returns its checkpoint and the images/s of each epoch."""
     train(params, folder, log=lambda m: None)
     lines = (folder / HISTORY_FILE).read_text().splitlines()
@@ -101,21 +98,21 @@ class PilDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
 
 
-def reference_model(params: dict) -> torch.nn.Module:
+def reference_model(params: Params) -> torch.nn.Module:
     """The same initial weights mrpf's train() starts from (same seed, same description)."""
-    spec = spec_for(params)
-    torch.manual_seed(params["seed"])
-    return instantiate(arch_description(params["model"]["arch"], spec.num_classes, spec.input_size, spec.mean,
-                                        spec.std, params["model"]["activation"]))
+    spec = spec_for(params.data)
+    torch.manual_seed(params.seed)
+    return instantiate(arch_description(params.model.arch, spec.num_classes, spec.input_size, spec.mean,
+                                        spec.std, params.model.activation))
 
 
-def reference_train(params: dict, npz: Path, max_batches: int | None = None) -> tuple[torch.nn.Module, list[float]]:
+def reference_train(params: Params, npz: Path, max_batches: int | None = None) -> tuple[torch.nn.Module, list[float]]:
     """The reference loop (TRADES repo's train_trades_cifar10.py / HYDRA's adversarial training):
     fp32, NCHW, DataLoader + PIL, the attack in eval mode. Returns the model and images/s per epoch."""
-    tp = params["train"]
-    method, steps, batch, beta = tp["method"], tp["steps"], tp["batch_size"], float(tp["beta"])
+    tp = params.train
+    method, steps, batch, beta = tp.method, tp.steps, tp.batch_size, tp.beta
     step_size = 2.5 * EPS / steps
-    device = params["device"]["name"]
+    device = params.device.name
     dev = torch.device(device)
     # cuDNN autotuning for the reference too (mrpf turns it on), so the ratio credits only the
     # changes mrpf makes to the loop itself
@@ -128,7 +125,7 @@ def reference_train(params: dict, npz: Path, max_batches: int | None = None) -> 
     optimizer = make_optimizer(model, tp, torch.device("cpu"))
     scheduler = make_scheduler(optimizer, tp, len(loader))
     rates = []
-    for _ in range(tp["epochs"]):
+    for _ in range(tp.epochs):
         seen, start = 0, time.perf_counter()
         for x, y in loader:
             x, y = x.to(dev), y.to(dev)
@@ -173,7 +170,7 @@ def steady_rate(rates: list[float]) -> float:
 
 def test_outcomes(model: torch.nn.Module, test_npz: Path, device: str) -> dict:
     """Per test image, right or wrong: clean and under PGD-20 (eps 8/255, step 2/255), fp32."""
-    runtime = setup({"name": device, "threads": None, "channels_last": True, "bf16": False})
+    runtime = setup(DeviceParams(name=device, channels_last=True, bf16=False))
     model = runtime.prepare(model).eval()
     images = read_npz(test_npz)
 
@@ -184,10 +181,10 @@ def test_outcomes(model: torch.nn.Module, test_npz: Path, device: str) -> dict:
             for name, a in (("clean", None), ("pgd20", attack))}
 
 
-def affordable_epochs(params: dict, npz: Path, budget_s: float, wanted: int) -> int:
+def affordable_epochs(params: Params, npz: Path, budget_s: float, wanted: int) -> int:
     """Epochs that fit both loops in budget_s, from a short probe of the reference loop
     (the slower of the two everywhere measured so far)."""
-    probe = {**params, "train": {**params["train"], "epochs": 1}}
+    probe = params.replace("train", epochs=1)
     reference_train(probe, npz, max_batches=3)                      # warm-up (cuDNN autotuning, workers)
     _, rate = reference_train(probe, npz, max_batches=10)
     epoch_s = len(PilDataset(npz)) / rate[0]
@@ -201,7 +198,7 @@ def accuracy_run(args, npz: Path, test_npz: Path, method: str, bf16: bool, folde
     params = params_of(args, npz, method, bf16, epochs)
     ref_model, ref_rates = reference_train(params, npz)
     checkpoint, our_rates = mrpf_train(params, folder / method)
-    our_model, _ = load_model(checkpoint, setup(params["device"]))
+    our_model, _ = load_model(checkpoint, setup(params.device))
     ref, ours = test_outcomes(ref_model, test_npz, args.device), test_outcomes(our_model, test_npz, args.device)
     accuracy = {name: {"mrpf": float(ours[name].mean()), "reference": float(ref[name].mean()),
                        "mrpf_minus_reference": paired_difference(ours[name], ref[name])} for name in ours}
@@ -243,7 +240,7 @@ def step_efficiency(arch: str, steps: int, batch: int, device: str, bf16: bool, 
                     rounds: int = 4) -> dict:
     """b: one PGD-k training step vs (k+1) clean forward-backward steps, in mrpf's own setting.
     Interleaved rounds, medians: single timings of the same step varied 119-191 ms on the CPU."""
-    runtime = setup({"name": device, "threads": None, "channels_last": True, "bf16": bf16})
+    runtime = setup(DeviceParams(name=device, channels_last=True, bf16=bf16))
     model = runtime.prepare(build_model(arch, 10, 32)).train()
     clean_step, pgd_step = (training_step(model, runtime, m, batch, steps) for m in ("clean", "pgd_at"))
     timed(clean_step, 3, device)   # warm-up

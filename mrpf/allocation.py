@@ -23,18 +23,7 @@ import torch.nn as nn
 
 from . import groups as groups_mod
 from .errors import MrpfError
-
-
-def count(model: nn.Module, input_size: int) -> dict:
-    """MACs and parameters of one forward pass (torch-pruning's counter)."""
-    import torch_pruning as tp
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, input_size, input_size, device=device))
-    model.train(was_training)
-    return {"macs": int(macs), "params": int(params)}
+from .models import count_ops
 
 
 def group_costs(model: nn.Module, groups: list[groups_mod.Group], input_size: int, metric: str) -> list[float]:
@@ -132,11 +121,11 @@ def check_reachable(model: nn.Module, input_size: int, num_classes: int, budget:
                     r_max: float, dense: dict | None = None, round_to: int = 1) -> float:
     """Fail fast (before any MRS or fine-tuning) when pruning every group to ``r_max``
     cannot remove ``budget`` of the dense ``metric``; return that largest reduction."""
-    dense = dense or count(model, input_size)
+    dense = dense or count_ops(model, input_size)
     graph, found = groups_mod.find_groups(model, input_size, num_classes)
     caps = [removal_cap(g.channels, g.channels, r_max) for g in found]
     pruned, _ = prune_copy(model, input_size, num_classes, [r_max] * len(found), round_to, caps)
-    most = 1 - count(pruned, input_size)[metric] / dense[metric]
+    most = 1 - count_ops(pruned, input_size)[metric] / dense[metric]
     if most < budget:
         raise MrpfError(f"a {budget:.0%} {metric} reduction is out of reach: pruning every group to "
                         f"r_max={r_max} removes {most:.1%}")
@@ -158,7 +147,7 @@ def solve(model: nn.Module, groups: list[groups_mod.Group], mrs: list[float], *,
         raise MrpfError(f"sparsity must lie in (0, 1), got {budget}")
     if metric not in ("macs", "params"):
         raise MrpfError(f"budget.metric: unknown metric {metric!r} (macs or params)")
-    dense = dense or count(model, input_size)
+    dense = dense or count_ops(model, input_size)
     costs = group_costs(model, groups, input_size, metric)
     total = sum(c * g.channels for c, g in zip(costs, groups))
     weights = [c * g.channels / total for c, g in zip(costs, groups)] if cost_aware else [1.0] * len(groups)
@@ -170,7 +159,7 @@ def solve(model: nn.Module, groups: list[groups_mod.Group], mrs: list[float], *,
     def achieved(lam: float) -> tuple[float, list[float], dict]:
         ratios = ratios_for(lam, mrs, weights, alpha, r_caps)
         pruned, _ = prune_copy(model, input_size, num_classes, ratios, round_to, caps)
-        counts = count(pruned, input_size)
+        counts = count_ops(pruned, input_size)
         return 1 - counts[metric] / dense[metric], ratios, counts
 
     hi = max(c * s ** alpha / w for s, w, c in zip(mrs, weights, r_caps))

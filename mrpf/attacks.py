@@ -8,7 +8,7 @@
   KL(p(x) || p(x')) from x + 0.001 N(0, I).
 - ``autoattack``: AutoAttack "standard" (Croce & Hein, 2020: APGD-CE, APGD-T, FAB-T,
   Square) from ``pyautoattack``, the reference implementation packaged for PyPI. We do
-  not use torchattacks' copy, although it measured twice as fast here: torchattacks
+  not use torchattacks' copy, although it is faster: torchattacks
   pins ``requests~=2.25.1``, which downgrades urllib3/idna and forces an old dulwich
   beside DVC. Rewriting AutoAttack by hand would lose the reference's guarantees.
 
@@ -82,8 +82,8 @@ def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
 
 def _gaussian_like(x: torch.Tensor) -> torch.Tensor:
     """Standard normal noise in x's shape and memory layout. Drawn in NCHW order, then laid
-    out like x: ``randn_like`` on a channels_last batch took 21.4 ms on this project's CPU
-    against 4.4 ms this way (128 x 3 x 32 x 32; ``python bench/op_costs.py``)."""
+    out like x: ``randn_like`` on a channels_last batch is several times slower on the CPU
+    (docs/performance.md, ``python -m bench.op_costs``)."""
     layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() \
         and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     return torch.randn(x.shape, dtype=x.dtype, device=x.device).contiguous(memory_format=layout)

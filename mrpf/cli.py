@@ -12,10 +12,22 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .config import PRUNE_METHODS, as_float
 from .errors import MrpfError
 
 OVERRIDES_HELP = ("dotted parameter overrides, e.g. train.epochs=3 data.train_path=train.npz "
                   "(values are read as YAML; see params.yaml / mrpf/config.py for every key)")
+
+
+def _fraction(text: str) -> float:
+    """A sparsity on the command line: a number or a fraction in (0, 1)."""
+    try:
+        value = as_float(text, "--sparsities")
+    except MrpfError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"--sparsities: must lie in (0, 1), got {text}")
+    return value
 
 
 def _common(p: argparse.ArgumentParser, run: bool = True) -> None:
@@ -68,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "mrs.png (bar chart of MRS and ratio per group).")
     _common(p)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="the (adversarially trained) model to measure")
+    p.add_argument("--sparsities", nargs="+", type=_fraction, metavar="S",
+                   help="sparsities at which to show MRPF's ratios in mrs.json and mrs.png (default: prune.sparsity)")
 
     p = verbs.add_parser("prune", help="iterative prune + adversarial fine-tune (MRPF or a baseline)",
                          description="Prune a checkpoint to a global budget in prune.steps steps, fine-tuning "
@@ -75,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "reads it), prune.json (ratios, MRS, counts per step) and step*/ folders.")
     _common(p)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="the dense model to prune")
-    p.add_argument("--method", metavar="NAME", help="shortcut for prune.method=NAME (mrpf, mrpf_clean, uniform_l1, "
-                                                    "global_magnitude, taylor_adv, random)")
+    p.add_argument("--method", metavar="NAME", help=f"shortcut for prune.method=NAME ({', '.join(PRUNE_METHODS)})")
     p.add_argument("--sparsity", metavar="S", help="shortcut for prune.sparsity=S, in (0, 1)")
+    p.add_argument("--mrs", metavar="PATH", help="the dense model's mrs.json (`mrpf mrs`): MRPF's first step uses it "
+                                                 "instead of measuring MRS again (the same MRS settings required)")
 
     p = verbs.add_parser("report", help="tables and plots of every run of the active grid (reports/summary.md)",
                          description="Read RESULTS/**/eval.json of the params file's active grid and write "
@@ -103,16 +118,8 @@ def _workflow_args(p: argparse.ArgumentParser, out: str, out_help: str) -> None:
 def _workflow_config(args: argparse.Namespace) -> dict:
     """params.yaml as the pipeline sees it (structure validated), with ``grid=NAME`` applied."""
     from . import workflow
-    from .config import read_yaml
 
-    config = read_yaml(args.params)
-    for text in args.overrides:
-        key, _, value = text.partition("=")
-        if key != "grid" or not value:
-            raise MrpfError(f"only grid=NAME is accepted here, got {text!r}")
-        config["grid"] = value
-    workflow.validate_config(config, Path(args.params).resolve().parent / workflow.SCHEMA, source=args.params)
-    return config
+    return workflow.load_config(args.params, args.overrides)
 
 
 def _params(args: argparse.Namespace) -> dict:
@@ -173,7 +180,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.verb == "data":
         from .data import prepare
 
-        prepare(params, args.out, log=_log)
+        prepare(params.data, args.out, log=_log)
         return 0
     run_dir = Path(args.runs_dir) / args.run
     if args.verb == "train":
@@ -190,14 +197,14 @@ def run(argv: list[str] | None = None) -> int:
         evaluate(params, checkpoint, out, log=_log)
         _log(f"wrote {out}")
     elif args.verb == "mrs":
-        from .pruning import run_mrs
+        from .sensitivity import run_mrs
 
-        result = run_mrs(params, args.checkpoint, run_dir, log=_log)
+        result = run_mrs(params, args.checkpoint, run_dir, log=_log, sparsities=args.sparsities)
         _log(f"wrote {run_dir / 'mrs.json'} and mrs.png ({len(result['groups'])} groups, {result['seconds']:.0f}s)")
     elif args.verb == "prune":
         from .pruning import run_prune
 
-        summary = run_prune(params, args.checkpoint, run_dir, log=_log)
+        summary = run_prune(params, args.checkpoint, run_dir, log=_log, mrs_path=args.mrs)
         _log(f"wrote {run_dir / 'checkpoint.pt'} ({summary['method']}: {summary['achieved']:.1%} "
              f"{summary['metric']} removed)")
     return 0

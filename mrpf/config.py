@@ -1,13 +1,17 @@
-"""Parameters: defaults, params.yaml, dotted command-line overrides, and validation.
+"""Parameters: typed sections, parsed and checked once, from defaults, params.yaml and overrides.
 
-``DEFAULTS`` documents every key; a params.yaml may set any subset of them. A key
-that is not in ``DEFAULTS`` is an error naming the key (a typo must never be silently
-ignored). Values such as ``8/255`` are read as fractions, without ``eval``.
+Each section of params.yaml is a frozen dataclass below (every key, its type, its default
+and a one-line comment); ``load_params`` merges the defaults, a params file (with the
+active grid's parameters, resolved by :mod:`mrpf.workflow`) and dotted command-line
+overrides as plain data, then ``parse`` turns the result into a :class:`Params`: each
+value converted to its type (``8/255`` read as a fraction, without ``eval``) and checked
+once, each failure naming its key. A key that is not a field is an error naming the key
+(a typo must never be silently ignored). Code below this module takes typed values only.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -17,84 +21,147 @@ import yaml
 
 from .errors import MrpfError
 
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,                      # one seed drives splits, initialisation, shuffling and attacks
-    "data": {
-        "dataset": "cifar10",       # cifar10 | cifar100 | svhn | tinyimagenet
-        "root": "data",             # where torchvision datasets / tiny-imagenet-200 live (downloaded there)
-        "train_path": None,         # offline source: .npz file or ImageFolder directory (overrides the download)
-        "test_path": None,          # offline source for the test split
-        "download": True,           # try to download a missing dataset
-        "offline_dir": None,        # `mrpf data`: look here first for DATASET-train.npz / DATASET-subset-train.npz
-        "val_size": 500,            # fixed-seed validation split held out of training
-        "calibration_size": 512,    # fixed-seed calibration subset of the training split (MRS)
-        "augment": True,            # the dataset's standard augmentation (crop [+ flip])
-    },
-    "model": {
-        "arch": "vgg11_w8",         # a name from mrpf.models.available(), or tv:NAME / timm:NAME
-        "activation": "relu",       # relu | silu | gelu (registry ResNet/VGG only)
-    },
-    "attack": {                     # the threat model, for training and evaluation
-        "norm": "linf",             # linf | l2
-        "eps": "8/255",
-    },
-    "train": {
-        "method": "pgd_at",         # clean | pgd_at | trades | mart
-        "epochs": 30,
-        "batch_size": 128,
-        "lr": 0.1,                  # peak learning rate
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5.0e-4,
-        "schedule": "onecycle",     # onecycle | cosine | multistep | constant
-        "milestones": [0.5, 0.75],  # multistep: fractions of the epochs where lr *= gamma
-        "gamma": 0.1,
-        "beta": 6.0,                # TRADES / MART regularisation weight
-        "steps": 5,                 # attack steps during training
-        "step_size": None,          # None: 2.5 * eps / steps (Madry et al.); a given one must reach eps
-        "val_pgd_steps": 10,        # PGD steps for the per-epoch validation accuracy (step: evaluate.step_size)
-        "ema_decay": None,          # e.g. 0.995: validate and save an EMA of the weights (None: off)
-    },
-    "evaluate": {
-        "n_images": 2000,           # test images for clean/FGSM/PGD/CW (all of them if fewer)
-        "autoattack_images": 200,   # AutoAttack is the costliest: a smaller subset by default (0: skip it)
-        "pgd_steps": 20,
-        "step_size": None,          # PGD/CW step; None: 2.5 * eps / steps; a given one must reach eps
-        "restarts": 1,
-        "batch_size": 500,
-        "latency_batch": 128,
-        "latency_repeats": 20,
-        "attacks": ["clean", "fgsm", "pgd", "cw", "autoattack"],
-    },
-    "mrs": {                        # Module Robustness Sensitivity (docs/method.md)
-        "probe_ratio": 0.5,         # rho: fraction of a group's channels masked by the probe
-        "attack": "adaptive",       # adaptive (re-attack each probed model) | fixed (reuse the unpruned delta)
-        "signal": "robust",         # robust | clean (delta = 0)
-        "steps": 5,                 # PGD steps of the probe attack (step 2.5 * eps / steps); bench/mrs_cost.py
-        "batch_size": 256,
-    },
-    "prune": {
-        "method": "mrpf",           # mrpf | mrpf_clean | uniform_l1 | global_magnitude | taylor_adv | random
-        "sparsity": 0.5,            # S: fraction of the dense model's budget metric removed
-        "metric": "macs",           # macs | params
-        "alpha": 1.0,               # exponent on MRS in the allocation
-        "r_max": 0.9,               # no group loses more than this fraction of its channels
-        "cost_aware": True,         # weight ratios by the group's share of the budget metric
-        "round_to": 1,              # keep each pruned group's channels a multiple of this (8 for GPUs)
-        "steps": 3,                 # T iterative steps; step t reaches S * t / T
-        "finetune_epochs": 2,       # E_t: fine-tuning epochs after each step
-        "final_epochs": 4,          # extra epochs added to the last step's fine-tune
-        "finetune_method": "trades",
-        "finetune_lr": 0.01,        # peak lr of each fine-tune (cosine schedule)
-    },
-    "device": {
-        "name": "auto",             # auto | cpu | cuda | cuda:N
-        "threads": None,            # CPU threads (None: torch's default)
-        "channels_last": True,      # measured +27 % on PGD steps on a 2-core CPU
-        "bf16": False,              # bf16 autocast for training (CUDA, or a CPU with AMX/AVX512-BF16)
-        "cuda_graphs": True,        # on CUDA: replay each training step from a CUDA graph
-    },
-}
+# Each list of names, defined once (the schema and the CLI help are tested against these).
+NORMS = ("linf", "l2")
+SCHEDULES = ("onecycle", "cosine", "multistep", "constant")
+EVALUATION_ATTACKS = ("clean", "fgsm", "pgd", "cw", "autoattack")
+MRS_ATTACKS = ("adaptive", "fixed")
+MRS_SIGNALS = ("robust", "clean")
+ALLOCATION_METHODS = ("mrpf", "mrpf_clean", "uniform_l1")      # per-group ratios by the budget solve
+GLOBAL_METHODS = ("global_magnitude", "taylor_adv", "random")    # one global threshold on channel scores
+PRUNE_METHODS = ALLOCATION_METHODS + GLOBAL_METHODS
+BUDGET_METRICS = ("macs", "params")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParams:
+    dataset: str = "cifar10"            # cifar10 | cifar100 | svhn | tinyimagenet
+    root: str = "data"                  # where torchvision datasets / tiny-imagenet-200 live (downloaded there)
+    train_path: str | None = None       # offline source: .npz file or ImageFolder directory (overrides the download)
+    test_path: str | None = None        # offline source for the test split
+    download: bool = True               # try to download a missing dataset
+    offline_dir: str | None = None      # `mrpf data`: look here first for DATASET-train.npz / DATASET-subset-train.npz
+    val_size: int = 500                 # fixed-seed validation split held out of training
+    calibration_size: int = 512         # fixed-seed calibration subset of the training split (MRS)
+    augment: bool = True                # the dataset's standard augmentation (crop [+ flip])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParams:
+    arch: str = "vgg11_w8"              # a name from mrpf.models.available(), or tv:NAME / timm:NAME
+    activation: str = "relu"            # relu | silu | gelu (registry ResNet/VGG only)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackParams:                     # the threat model, for training and evaluation
+    norm: str = "linf"                  # linf | l2
+    eps: float = 8 / 255                # radius in pixel units ([0, 1] scale); params files may write 8/255
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    method: str = "pgd_at"              # clean | pgd_at | trades | mart
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1                     # peak learning rate
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5.0e-4
+    schedule: str = "onecycle"          # onecycle | cosine | multistep | constant
+    milestones: tuple[float, ...] = (0.5, 0.75)   # multistep: fractions of the epochs where lr *= gamma
+    gamma: float = 0.1
+    beta: float = 6.0                   # TRADES / MART regularisation weight
+    steps: int = 5                      # attack steps during training
+    step_size: float | None = None      # None: 2.5 * eps / steps (Madry et al.); a given one must reach eps
+    val_pgd_steps: int = 10             # PGD steps for the per-epoch validation accuracy (step: evaluate.step_size)
+    ema_decay: float | None = None      # e.g. 0.995: validate and save an EMA of the weights (None: off)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    n_images: int = 2000                # test images for clean/FGSM/PGD/CW (all of them if fewer)
+    autoattack_images: int = 200        # AutoAttack is the costliest: a smaller subset by default (0: skip it)
+    pgd_steps: int = 20
+    step_size: float | None = None      # PGD/CW step; None: 2.5 * eps / steps; a given one must reach eps
+    restarts: int = 1
+    batch_size: int = 500
+    latency_batch: int = 128
+    latency_repeats: int = 20
+    attacks: tuple[str, ...] = EVALUATION_ATTACKS
+
+
+@dataclasses.dataclass(frozen=True)
+class MrsParams:                        # Module Robustness Sensitivity (docs/method.md)
+    probe_ratio: float = 0.5            # rho: fraction of a group's channels masked by the probe
+    attack: str = "adaptive"            # adaptive (re-attack each probed model) | fixed (reuse the unpruned delta)
+    signal: str = "robust"              # robust | clean (delta = 0)
+    steps: int = 5                      # PGD steps of the probe attack (step 2.5 * eps / steps)
+    batch_size: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneParams:
+    method: str = "mrpf"                # one of PRUNE_METHODS
+    sparsity: float = 0.5               # S: fraction of the dense model's budget metric removed
+    metric: str = "macs"                # macs | params
+    alpha: float = 1.0                  # exponent on MRS in the allocation
+    r_max: float = 0.9                  # no group loses more than this fraction of its dense channels
+    cost_aware: bool = True             # weight ratios by the group's share of the budget metric
+    round_to: int = 1                   # keep each pruned group's channels a multiple of this (8 for GPUs)
+    steps: int = 3                      # T iterative steps; step t reaches S * t / T
+    finetune_epochs: int = 2            # E_t: fine-tuning epochs after each step
+    final_epochs: int = 4               # extra epochs added to the last step's fine-tune
+    finetune_method: str = "trades"
+    finetune_lr: float = 0.01           # peak lr of each fine-tune (cosine schedule)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceParams:
+    name: str = "auto"                  # auto | cpu | cuda | cuda:N
+    threads: int | None = None          # CPU threads (None: torch's default)
+    channels_last: bool = True          # faster PGD steps on CPU and GPU (docs/performance.md)
+    bf16: bool = False                  # bf16 autocast for training (CUDA, or a CPU with AMX/AVX512-BF16)
+    cuda_graphs: bool = True            # on CUDA: replay each training step from a CUDA graph
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    seed: int = 0                       # one seed drives initialisation, shuffling and attacks
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    attack: AttackParams = AttackParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    mrs: MrsParams = MrsParams()
+    prune: PruneParams = PruneParams()
+    device: DeviceParams = DeviceParams()
+
+    def to_dict(self) -> dict:
+        """Plain data (lists, numbers, strings): for checkpoints, resume keys and JSON."""
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, section: str, **changes: Any) -> "Params":
+        """A copy with ``changes`` to one section (values already typed)."""
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+SECTIONS: dict[str, type] = {f.name: f.default.__class__ for f in dataclasses.fields(Params) if f.name != "seed"}
+WORKFLOW_KEYS = ("grid", "grids")                 # params.yaml keys that belong to the pipeline (mrpf/workflow.py)
+POSITIVE = {"train.batch_size", "evaluate.batch_size", "evaluate.latency_batch", "evaluate.latency_repeats",
+            "evaluate.restarts", "evaluate.n_images", "evaluate.pgd_steps", "mrs.batch_size", "prune.steps",
+            "prune.round_to", "device.threads"}   # integers that must be >= 1 (the others: >= 0)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+DEFAULTS: dict[str, Any] = Params().to_dict()   # every key with its default, as plain data
+
 
 _FRACTION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)\s*$")
 
@@ -116,25 +183,119 @@ def as_float(value: Any, key: str) -> float:
     raise MrpfError(f"{key}: expected a number or a fraction like 8/255, got {value!r}")
 
 
-def pgd_step_size(params: dict, key: str, steps: int) -> float:
-    """The step of a PGD attack of ``steps`` steps: the value at ``key``, or 2.5 * eps / steps
-    (Madry et al., 2018) where it is null. A given step must be able to reach the radius
-    (steps * step >= eps): a shorter one keeps PGD inside the ball (e.g. 2/255 under an L2
-    radius of 0.5) and overstates robust accuracy."""
-    eps = as_float(params["attack"]["eps"], "attack.eps")
-    section, name = key.split(".")
-    given = params[section][name]
-    if given is None:
-        return 2.5 * eps / max(steps, 1)
-    step = as_float(given, key)
-    if steps > 0 and steps * step < eps * (1 - 1e-9):
-        raise MrpfError(f"{key}={given}: {steps} steps of {step:.4g} cannot reach the {params['attack']['norm']} "
-                        f"radius attack.eps={eps:.4g}; set it to null (2.5 * eps / steps) or to at least "
-                        f"{eps / steps:.4g}")
-    return step
+def _as_int(value: Any, key: str) -> int:
+    positive = key in POSITIVE
+    if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
+        raise MrpfError(f"{key}: expected a{' positive' if positive else ' non-negative'} integer, got {value!r}")
+    return value
 
 
-def _merge(base: dict, update: dict, prefix: str = "") -> None:
+def _as_bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise MrpfError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _as_str(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise MrpfError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _as_list(value: Any, key: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise MrpfError(f"{key}: expected a list, got {value!r}")
+    return list(value)
+
+
+_CONVERT = {
+    "float": as_float, "int": _as_int, "bool": _as_bool, "str": _as_str,
+    "tuple[float, ...]": lambda v, k: tuple(as_float(x, k) for x in _as_list(v, k)),
+    "tuple[str, ...]": lambda v, k: tuple(_as_str(x, k) for x in _as_list(v, k)),
+}
+
+
+def _convert(value: Any, annotation: str, key: str) -> Any:
+    base, optional = annotation.removesuffix(" | None"), annotation.endswith(" | None")
+    if optional and value is None:
+        return None
+    return _CONVERT[base](value, key)
+
+
+def pgd_step_size(attack: AttackParams, given: float | None, steps: int) -> float:
+    """The step of a PGD attack of ``steps`` steps: ``given``, or 2.5 * eps / steps (Madry et
+    al., 2018) where it is None."""
+    return 2.5 * attack.eps / max(steps, 1) if given is None else given
+
+
+def _check_reach(attack: AttackParams, key: str, raw: Any, given: float | None, steps: int) -> None:
+    """A given step must be able to reach the radius (steps * step >= eps): a shorter one keeps
+    PGD inside the ball (e.g. 2/255 under an L2 radius of 0.5) and overstates robust accuracy."""
+    if given is not None and steps > 0 and steps * given < attack.eps * (1 - 1e-9):
+        raise MrpfError(f"{key}={raw}: {steps} steps of {given:.4g} cannot reach the {attack.norm} "
+                        f"radius attack.eps={attack.eps:.4g}; set it to null (2.5 * eps / steps) or to at least "
+                        f"{attack.eps / steps:.4g}")
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise MrpfError(f"{key}: unknown value {value!r} (choose from {', '.join(map(str, choices))})")
+
+
+def _within(key: str, value: float, raw: Any, low: float, high: float, closed_high: bool = False) -> None:
+    if not (low < value <= high if closed_high else low < value < high):
+        raise MrpfError(f"{key}: must lie in ({low:g}, {high:g}{']' if closed_high else ')'}, got {raw!r}")
+
+
+def parse(raw: dict) -> Params:
+    """Typed, checked parameters from merged plain data (every key present)."""
+    from .data import DATASETS
+    from .models import check_arch
+    from .objectives import OBJECTIVES
+
+    if isinstance(raw["seed"], bool) or not isinstance(raw["seed"], int):
+        raise MrpfError(f"seed: expected an integer, got {raw['seed']!r}")
+    data = raw["data"]
+    if data["train_path"] is None and data["dataset"] not in DATASETS:
+        raise MrpfError(f"data.dataset: unknown dataset {data['dataset']!r} "
+                        f"(choose from {', '.join(DATASETS)}, or set data.train_path to an .npz / ImageFolder)")
+    check_arch(raw["model"]["arch"])
+    _choice("attack.norm", raw["attack"]["norm"], NORMS)
+    _choice("train.method", raw["train"]["method"], tuple(OBJECTIVES))
+    _choice("train.schedule", raw["train"]["schedule"], SCHEDULES)
+    sections = {}
+    for name, cls in SECTIONS.items():
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        sections[name] = cls(**{k: _convert(raw[name][k], hints[k], f"{name}.{k}") for k in hints})
+    params = Params(seed=raw["seed"], **sections)
+
+    attack, train, evaluate = params.attack, params.train, params.evaluate
+    if attack.eps < 0:
+        raise MrpfError(f"attack.eps: must be >= 0, got {raw['attack']['eps']!r}")
+    for key in ("lr", "momentum", "weight_decay", "gamma", "beta"):
+        if getattr(train, key) < 0:
+            raise MrpfError(f"train.{key}: must be >= 0, got {raw['train'][key]!r}")
+    _check_reach(attack, "train.step_size", raw["train"]["step_size"], train.step_size, train.steps)
+    _check_reach(attack, "evaluate.step_size", raw["evaluate"]["step_size"], evaluate.step_size, evaluate.pgd_steps)
+    _check_reach(attack, "evaluate.step_size", raw["evaluate"]["step_size"], evaluate.step_size, train.val_pgd_steps)
+    _choice("mrs.attack", params.mrs.attack, MRS_ATTACKS)
+    _choice("mrs.signal", params.mrs.signal, MRS_SIGNALS)
+    _choice("prune.method", params.prune.method, PRUNE_METHODS)
+    _choice("prune.metric", params.prune.metric, BUDGET_METRICS)
+    _choice("prune.finetune_method", params.prune.finetune_method, tuple(OBJECTIVES))
+    _within("prune.sparsity", params.prune.sparsity, raw["prune"]["sparsity"], 0, 1)
+    _within("mrs.probe_ratio", params.mrs.probe_ratio, raw["mrs"]["probe_ratio"], 0, 1, closed_high=True)
+    _within("prune.r_max", params.prune.r_max, raw["prune"]["r_max"], 0, 1, closed_high=True)
+    if train.ema_decay is not None:
+        _within("train.ema_decay", train.ema_decay, raw["train"]["ema_decay"], 0, 1)
+    unknown = sorted(set(evaluate.attacks) - set(EVALUATION_ATTACKS))
+    if unknown:
+        raise MrpfError(f"evaluate.attacks: unknown attack(s) {unknown} (choose from {', '.join(EVALUATION_ATTACKS)})")
+    return params
+
+
+def merge(base: dict, update: dict, prefix: str = "") -> None:
+    """Update nested plain data in place; a key ``base`` lacks is an error naming it."""
     for key, value in update.items():
         dotted = f"{prefix}{key}"
         if not prefix and key in WORKFLOW_KEYS:
@@ -144,7 +305,7 @@ def _merge(base: dict, update: dict, prefix: str = "") -> None:
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise MrpfError(f"parameter '{dotted}' must be a mapping, got {value!r}")
-            _merge(base[key], value, dotted + ".")
+            merge(base[key], value, dotted + ".")
         else:
             base[key] = value
 
@@ -186,104 +347,12 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-WORKFLOW_KEYS = ("grid", "grids")  # params.yaml keys that belong to the pipeline (mrpf/workflow.py)
+def load_params(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Params:
+    """Defaults, updated by the params file (if any) and its active grid's parameters
+    (``mrpf.workflow.resolve_params``), then by dotted overrides (``grid=NAME`` picks the
+    grid); parsed and checked once."""
+    from .workflow import resolve_params
 
-
-def load_params(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict:
-    """Defaults, updated by the params file (if any), then by the active grid's ``params``
-    and ``dataset_params[data.dataset]`` (params.yaml ``grids``), then by dotted overrides
-    (``grid=NAME`` picks the grid); validated. The result holds no workflow keys."""
-    params = copy.deepcopy(DEFAULTS)
     raw = read_yaml(path) if path is not None else {}
-    grid_name, grids = raw.pop("grid", None), raw.pop("grids", None) or {}
-    _merge(params, raw)
-    parsed = []
-    for text in overrides:
-        override = parse_override(text)
-        if "grid" in override:
-            grid_name = override.pop("grid")
-        parsed.append(override)
-    if grid_name is not None:
-        if grid_name not in grids:
-            raise MrpfError(f"grid: unknown grid {grid_name!r} (params file defines: {', '.join(grids) or 'none'})")
-        grid = grids[grid_name] or {}
-        _merge(params, copy.deepcopy(grid.get("params") or {}), "grids." + grid_name + ".params.")
-        for override in parsed:
-            _merge(params, copy.deepcopy(override))
-        dataset_params = (grid.get("dataset_params") or {}).get(params["data"]["dataset"]) or {}
-        _merge(params, copy.deepcopy(dataset_params), f"grids.{grid_name}.dataset_params.")
-    for override in parsed:
-        _merge(params, override)
-    validate(params)
-    return params
+    return parse(resolve_params(DEFAULTS, raw, [parse_override(text) for text in overrides]))
 
-
-def _choice(params: dict, key: str, choices: tuple) -> None:
-    section, name = key.split(".")
-    value = params[section][name]
-    if value not in choices:
-        raise MrpfError(f"{key}: unknown value {value!r} (choose from {', '.join(map(str, choices))})")
-
-
-def _positive_int(params: dict, key: str, allow_zero: bool = False) -> None:
-    section, name = key.split(".")
-    value = params[section][name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        raise MrpfError(f"{key}: expected a{' non-negative' if allow_zero else ' positive'} integer, got {value!r}")
-
-
-def validate(params: dict) -> None:
-    """Check values that are cheap to check up front; each failure names its key."""
-    from .data import DATASETS
-    from .models import check_arch
-    from .objectives import OBJECTIVES
-
-    if isinstance(params["seed"], bool) or not isinstance(params["seed"], int):
-        raise MrpfError(f"seed: expected an integer, got {params['seed']!r}")
-    if params["data"]["train_path"] is None and params["data"]["dataset"] not in DATASETS:
-        raise MrpfError(f"data.dataset: unknown dataset {params['data']['dataset']!r} "
-                        f"(choose from {', '.join(DATASETS)}, or set data.train_path to an .npz / ImageFolder)")
-    check_arch(params["model"]["arch"])
-    _choice(params, "attack.norm", ("linf", "l2"))
-    _choice(params, "train.method", tuple(OBJECTIVES))
-    _choice(params, "train.schedule", ("onecycle", "cosine", "multistep", "constant"))
-    if as_float(params["attack"]["eps"], "attack.eps") < 0:
-        raise MrpfError(f"attack.eps: must be >= 0, got {params['attack']['eps']!r}")
-    _positive_int(params, "train.epochs", allow_zero=True)
-    for key in ("train.batch_size", "evaluate.batch_size", "evaluate.latency_batch", "evaluate.latency_repeats",
-                "evaluate.restarts", "evaluate.n_images", "evaluate.pgd_steps"):
-        _positive_int(params, key)
-    for key in ("train.steps", "train.val_pgd_steps", "evaluate.autoattack_images", "data.val_size",
-                "data.calibration_size"):
-        _positive_int(params, key, allow_zero=True)
-    for key, steps in (("train.step_size", "train.steps"), ("evaluate.step_size", "evaluate.pgd_steps"),
-                       ("evaluate.step_size", "train.val_pgd_steps")):
-        section, name = steps.split(".")
-        pgd_step_size(params, key, params[section][name])
-    for key in ("train.lr", "train.momentum", "train.weight_decay", "train.gamma", "train.beta"):
-        section, name = key.split(".")
-        if as_float(params[section][name], key) < 0:
-            raise MrpfError(f"{key}: must be >= 0, got {params[section][name]!r}")
-    _choice(params, "mrs.attack", ("adaptive", "fixed"))
-    _choice(params, "mrs.signal", ("robust", "clean"))
-    _choice(params, "prune.method", ("mrpf", "mrpf_clean", "uniform_l1", "global_magnitude", "taylor_adv", "random"))
-    _choice(params, "prune.metric", ("macs", "params"))
-    _choice(params, "prune.finetune_method", tuple(OBJECTIVES))
-    sparsity = as_float(params["prune"]["sparsity"], "prune.sparsity")
-    if not 0 < sparsity < 1:
-        raise MrpfError(f"prune.sparsity: must lie in (0, 1), got {params['prune']['sparsity']!r}")
-    for key in ("mrs.probe_ratio", "prune.r_max"):
-        section, name = key.split(".")
-        if not 0 < as_float(params[section][name], key) <= 1:
-            raise MrpfError(f"{key}: must lie in (0, 1], got {params[section][name]!r}")
-    for key in ("mrs.steps", "prune.finetune_epochs", "prune.final_epochs"):
-        _positive_int(params, key, allow_zero=True)
-    for key in ("mrs.batch_size", "prune.steps", "prune.round_to"):
-        _positive_int(params, key)
-    decay = params["train"]["ema_decay"]
-    if decay is not None and not 0 < as_float(decay, "train.ema_decay") < 1:
-        raise MrpfError(f"train.ema_decay: must lie in (0, 1) or be null, got {decay!r}")
-    unknown = set(params["evaluate"]["attacks"]) - {"clean", "fgsm", "pgd", "cw", "autoattack"}
-    if unknown:
-        raise MrpfError(f"evaluate.attacks: unknown attack(s) {sorted(unknown)} "
-                        "(choose from clean, fgsm, pgd, cw, autoattack)")

@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .config import DataParams
 from .errors import MrpfError
 
 
@@ -72,8 +73,8 @@ class Splits:
     test: ImageSet | None
 
 
-def spec_for(params: dict) -> DatasetSpec:
-    name = params["data"]["dataset"]
+def spec_for(data: DataParams) -> DatasetSpec:
+    name = data.dataset
     if name not in DATASETS:
         raise MrpfError(f"data.dataset: unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
     return DATASETS[name]
@@ -201,13 +202,12 @@ def _tiny_imagenet(root: Path, split: str, download: bool) -> ImageSet:
     return images
 
 
-def read_source(params: dict, split: str) -> ImageSet:
+def read_source(data: DataParams, split: str) -> ImageSet:
     """Read the train or test split from ``data.{split}_path`` if set, else from a copy under
     ``data.offline_dir``, else from the named dataset (downloaded if allowed); the images'
     size and labels are checked against the dataset (``check_fits``)."""
-    data = params["data"]
-    spec = spec_for(params)
-    path = data["train_path" if split == "train" else "test_path"] or offline_source(params, split)
+    spec = spec_for(data)
+    path = (data.train_path if split == "train" else data.test_path) or offline_source(data, split)
     if path is not None:
         path = Path(path)
         if path.is_dir():
@@ -217,10 +217,10 @@ def read_source(params: dict, split: str) -> ImageSet:
         else:
             raise MrpfError(f"data.{split}_path: {path} is neither an .npz file nor an ImageFolder directory")
     else:
-        root = Path(data["root"])
-        images = (_tiny_imagenet(root, split, data["download"]) if data["dataset"] == "tinyimagenet"
-                  else _read_torchvision(data["dataset"], root, split, data["download"]))
-    check_fits(images, spec, data["dataset"], f"{split} split ({path or 'download of ' + data['dataset']})")
+        root = Path(data.root)
+        images = (_tiny_imagenet(root, split, data.download) if data.dataset == "tinyimagenet"
+                  else _read_torchvision(data.dataset, root, split, data.download))
+    check_fits(images, spec, data.dataset, f"{split} split ({path or 'download of ' + data.dataset})")
     return images
 
 
@@ -238,31 +238,31 @@ def check_fits(images: ImageSet, spec: DatasetSpec, dataset: str, source: str) -
 OFFLINE_NAMES = ("{dataset}-{split}.npz", "{dataset}-subset-{split}.npz", "{dataset}/{split}")
 
 
-def offline_source(params: dict, split: str) -> Path | None:
+def offline_source(data: DataParams, split: str) -> Path | None:
     """The first of ``OFFLINE_NAMES`` present under ``data.offline_dir`` (None if unset or absent)."""
-    folder = params["data"]["offline_dir"]
+    folder = data.offline_dir
     if folder is None:
         return None
     for pattern in OFFLINE_NAMES:
-        path = Path(folder) / pattern.format(dataset=params["data"]["dataset"], split=split)
+        path = Path(folder) / pattern.format(dataset=data.dataset, split=split)
         if path.exists():
             return path
     return None
 
 
-def prepare(params: dict, out_dir: str | Path, log=print) -> dict:
+def prepare(data: DataParams, out_dir: str | Path, log=print) -> dict:
     """``mrpf data``: write the dataset's train and test splits to ``out_dir/{train,test}.npz``,
     the one format every later stage reads (and DVC versions). The source is, in order:
     ``data.train_path``/``test_path``; a copy under ``data.offline_dir``; the download."""
     from .io import atomic_path
 
     out_dir = Path(out_dir)
-    summary = {"dataset": params["data"]["dataset"]}
+    summary = {"dataset": data.dataset}
     for split in ("train", "test"):
-        source = params["data"][f"{split}_path"] or offline_source(params, split)
-        if source is None and params["data"]["offline_dir"] is not None:
-            log(f"{split}: no offline copy under {params['data']['offline_dir']}; using data.root / download")
-        images = read_source(params, split)
+        source = (data.train_path if split == "train" else data.test_path) or offline_source(data, split)
+        if source is None and data.offline_dir is not None:
+            log(f"{split}: no offline copy under {data.offline_dir}; using data.root / download")
+        images = read_source(data, split)
         with atomic_path(out_dir / f"{split}.npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, x=images.x.permute(0, 2, 3, 1).numpy(), y=images.y.numpy(),
@@ -272,15 +272,15 @@ def prepare(params: dict, out_dir: str | Path, log=print) -> dict:
     return summary
 
 
-def load_splits(params: dict, with_test: bool = True) -> Splits:
+def load_splits(data: DataParams, with_test: bool = True) -> Splits:
     """Read the data and cut the fixed-seed validation and calibration subsets.
 
     The split seed is fixed (not ``params.seed``) so that runs with different training
     seeds see the same validation and calibration images.
     """
-    spec = spec_for(params)
-    full = read_source(params, "train")
-    n_val, n_cal = params["data"]["val_size"], params["data"]["calibration_size"]
+    spec = spec_for(data)
+    full = read_source(data, "train")
+    n_val, n_cal = data.val_size, data.calibration_size
     if n_val >= len(full):
         raise MrpfError(f"data.val_size={n_val} leaves no training images (the training split has {len(full)})")
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(12345))
@@ -288,7 +288,7 @@ def load_splits(params: dict, with_test: bool = True) -> Splits:
     if n_cal > len(train):
         raise MrpfError(f"data.calibration_size={n_cal} is larger than the training split ({len(train)} images)")
     cal_index = torch.randperm(len(train), generator=torch.Generator().manual_seed(54321))[:n_cal]
-    test = read_source(params, "test") if with_test else None
+    test = read_source(data, "test") if with_test else None
     return Splits(spec, train, val, train.subset(cal_index), test)
 
 

@@ -9,7 +9,7 @@ import os
 import torch
 
 from . import gpu_slots
-from .config import DEFAULTS
+from .config import DeviceParams
 from .errors import MrpfError
 
 
@@ -26,7 +26,7 @@ class Runtime:
 
     def autocast(self, cache_enabled: bool = True):
         """bf16 autocast when asked for (CUDA; or a CPU with AMX / AVX512-BF16, where oneDNN
-        runs bf16 convolutions; `python bench/throughput.py --bf16 on`, docs/performance.md);
+        runs bf16 convolutions; `python -m bench.throughput --bf16 on`, docs/performance.md);
         a no-op otherwise. ``cache_enabled=False`` while a CUDA graph is captured."""
         if self.bf16 and self.device.type in ("cuda", "cpu"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
@@ -67,24 +67,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def setup(device_params: dict, log=None) -> Runtime:
+def setup(device_params: DeviceParams, log=None) -> Runtime:
     """Apply ``device.*`` params (threads, cuDNN autotuning) and return the runtime choice.
 
     With ``auto``/``cuda`` and GPUs present, the job first claims its own GPU from the
     slot pool (mrpf/gpu_slots.py); ``MRPF_GPU_SLOTS=0`` turns that off."""
-    name = str(device_params["name"])
+    name = device_params.name
     if name in ("auto", "cuda") and os.environ.get("MRPF_GPU_SLOTS", "1") != "0":
         if os.environ.get("MRPF_FAKE_GPUS") or torch.cuda.is_available():
             gpu_slots.claim(log=log)
     device = resolve_device(name)
-    threads = device_params["threads"]
-    if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise MrpfError(f"device.threads: expected a positive integer, got {threads!r}")
-        torch.set_num_threads(threads)
+    if device_params.threads is not None:
+        torch.set_num_threads(device_params.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    graphs = device_params.get("cuda_graphs", DEFAULTS["device"]["cuda_graphs"])   # dicts written by hand may omit it
-    if not isinstance(graphs, bool):
-        raise MrpfError(f"device.cuda_graphs: expected true or false, got {graphs!r}")
-    return Runtime(device, bool(device_params["channels_last"]), bool(device_params["bf16"]), graphs)
+    return Runtime(device, device_params.channels_last, device_params.bf16, device_params.cuda_graphs)

@@ -17,33 +17,12 @@ import torch
 
 from . import data as data_mod
 from . import devices
-from .attacks import autoattack, fgsm, pgd
-from .config import as_float, pgd_step_size
+from .attacks import autoattack, fgsm
+from .config import Params
 from .errors import MrpfError
-from .io import atomic_path, load_checkpoint, write_json
-from .models import count_parameters, instantiate
-
-
-def load_model(checkpoint: str | Path, runtime: devices.Runtime) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model a checkpoint describes and load its weights (``weights_only=True``)."""
-    state = load_checkpoint(checkpoint)
-    model = instantiate(state["arch"])
-    try:
-        model.load_state_dict(state["state_dict"])
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        detail = lines[1].strip() if len(lines) > 1 else str(e)
-        raise MrpfError(f"checkpoint {checkpoint}: weights do not fit architecture "
-                        f"{state['arch'].get('name')!r} ({detail})") from None
-    return runtime.prepare(model).eval(), state
-
-
-def count_macs(model: torch.nn.Module, input_size: int, device: torch.device) -> int:
-    """Multiply-accumulates of one forward pass, by torch-pruning's counter."""
-    import torch_pruning as tp
-
-    macs, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, input_size, input_size, device=device))
-    return int(macs)
+from .io import atomic_path, write_json
+from .models import count_ops, count_parameters, load_model
+from .objectives import evaluation_adversary
 
 
 def latency_ms(model: torch.nn.Module, input_size: int, runtime: devices.Runtime, batch: int, repeats: int,
@@ -90,54 +69,51 @@ def correct_under(model: torch.nn.Module, images: data_mod.ImageSet, attack, run
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
-def evaluate(params: dict, checkpoint: str | Path, out_path: str | Path, log=print) -> dict:
+def evaluate(params: Params, checkpoint: str | Path, out_path: str | Path, log=print) -> dict:
     """Evaluate ``checkpoint`` on the test split; write metrics JSON to ``out_path`` and outcomes beside it."""
-    runtime = devices.setup(params["device"], log)
-    ev = params["evaluate"]
+    runtime = devices.setup(params.device, log)
+    ev = params.evaluate
     model, state = load_model(checkpoint, runtime)
-    spec = data_mod.spec_for(params)
-    test = data_mod.read_source(params, "test")
+    spec = data_mod.spec_for(params.data)
+    test = data_mod.read_source(params.data, "test")
     arch = state["arch"]
     if arch["num_classes"] != spec.num_classes or arch["input_size"] != test.x.shape[-1]:
         raise MrpfError(f"checkpoint {checkpoint}: model is for {arch['num_classes']} classes at "
                         f"{arch['input_size']}px, the test data has {spec.num_classes} classes at {test.x.shape[-1]}px")
-    images = data_mod.fixed_subset(test, ev["n_images"])
-    eps = as_float(params["attack"]["eps"], "attack.eps")
-    norm = params["attack"]["norm"]
-    step = pgd_step_size(params, "evaluate.step_size", ev["pgd_steps"])
-    torch.manual_seed(params["seed"])
+    images = data_mod.fixed_subset(test, ev.n_images)
+    eps, norm = params.attack.eps, params.attack.norm
+    adversary = evaluation_adversary(params)
+    torch.manual_seed(params.seed)
 
     attacks = {
         "clean": None,
         "fgsm": lambda x, y: fgsm(model, x, y, eps=eps, norm=norm),
-        "pgd": lambda x, y: pgd(model, x, y, eps=eps, step_size=step, steps=ev["pgd_steps"], norm=norm,
-                                restarts=ev["restarts"]),
-        "cw": lambda x, y: pgd(model, x, y, eps=eps, step_size=step, steps=ev["pgd_steps"], norm=norm, loss="cw",
-                               restarts=ev["restarts"]),
+        "pgd": lambda x, y: adversary.attack(model, x, y, restarts=ev.restarts),
+        "cw": lambda x, y: adversary.attack(model, x, y, loss="cw", restarts=ev.restarts),
     }
     metrics: dict = {"checkpoint": str(checkpoint), "arch": arch["name"], "eps": eps, "norm": norm,
-                     "pgd_steps": ev["pgd_steps"], "step_size": step, "n_images": len(images),
+                     "pgd_steps": ev.pgd_steps, "step_size": adversary.step_size, "n_images": len(images),
                      "device": str(runtime.device)}
     outcomes: dict[str, np.ndarray] = {}
-    for name in ev["attacks"]:
+    for name in ev.attacks:
         t0 = time.perf_counter()
         if name == "autoattack":
-            subset = data_mod.fixed_subset(test, ev["autoattack_images"])
+            subset = data_mod.fixed_subset(test, ev.autoattack_images)
             if len(subset) == 0:
                 continue
             correct = autoattack(model, subset.x.float().div(255).to(runtime.device), subset.y.to(runtime.device),
-                                 eps=eps, norm=norm, batch_size=ev["batch_size"], seed=params["seed"])
+                                 eps=eps, norm=norm, batch_size=ev.batch_size, seed=params.seed)
             metrics["autoattack_images"] = len(subset)
         else:
-            correct = correct_under(model, images, attacks[name], runtime, ev["batch_size"])
+            correct = correct_under(model, images, attacks[name], runtime, ev.batch_size)
         outcomes[name] = correct.numpy()
         metrics[f"{name}_acc"] = float(correct.float().mean()) if len(correct) else float("nan")
         log(f"{name:>10}: {metrics[f'{name}_acc']:.4f}  ({len(correct)} images, {time.perf_counter() - t0:.1f}s)")
 
     metrics["params"] = count_parameters(model)
-    metrics["macs"] = count_macs(model, arch["input_size"], runtime.device)
-    metrics["latency_ms"] = latency_ms(model, arch["input_size"], runtime, ev["latency_batch"], ev["latency_repeats"])
-    metrics["latency_batch"] = ev["latency_batch"]
+    metrics["macs"] = count_ops(model, arch["input_size"])["macs"]
+    metrics["latency_ms"] = latency_ms(model, arch["input_size"], runtime, ev.latency_batch, ev.latency_repeats)
+    metrics["latency_batch"] = ev.latency_batch
 
     out_path = Path(out_path)
     with atomic_path(out_path.with_name(out_path.stem + "_per_image.npz")) as tmp:

@@ -256,3 +256,32 @@ def instantiate(arch: dict) -> Classifier:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_ops(model: nn.Module, input_size: int) -> dict:
+    """MACs and parameters of one forward pass (torch-pruning's counter): the one MACs count."""
+    import torch_pruning as tp
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, input_size, input_size, device=device))
+    model.train(was_training)
+    return {"macs": int(macs), "params": int(params)}
+
+
+def load_model(checkpoint, runtime) -> tuple[nn.Module, dict]:
+    """Rebuild the model a checkpoint describes, load its weights (``weights_only=True``) and
+    put it on ``runtime``'s device and memory format, in eval mode."""
+    from .io import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    model = instantiate(state["arch"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else str(e)
+        raise MrpfError(f"checkpoint {checkpoint}: weights do not fit architecture "
+                        f"{state['arch'].get('name')!r} ({detail})") from None
+    return runtime.prepare(model).eval(), state

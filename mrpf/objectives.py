@@ -19,16 +19,46 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import pgd, trades_adversary
+from .config import Params, pgd_step_size
 
 
 @dataclasses.dataclass(frozen=True)
 class Adversary:
-    """The training-time attack: the threat model plus the PGD schedule."""
+    """A PGD adversary: the threat model (norm, eps) plus the schedule (steps, step size)."""
 
     eps: float
     step_size: float
     steps: int
     norm: str = "linf"
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **options) -> torch.Tensor:
+        """PGD on cross-entropy from a random start (``options``: loss, restarts; attacks.pgd)."""
+        return pgd(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm, **options)
+
+
+def _adversary(params: Params, steps: int, step_size: float | None) -> Adversary:
+    return Adversary(eps=params.attack.eps, step_size=pgd_step_size(params.attack, step_size, steps), steps=steps,
+                     norm=params.attack.norm)
+
+
+def training_adversary(params: Params) -> Adversary:
+    """The attack of adversarial training: train.steps, train.step_size."""
+    return _adversary(params, params.train.steps, params.train.step_size)
+
+
+def validation_adversary(params: Params) -> Adversary:
+    """The per-epoch validation attack: train.val_pgd_steps at evaluate.step_size."""
+    return _adversary(params, params.train.val_pgd_steps, params.evaluate.step_size)
+
+
+def evaluation_adversary(params: Params) -> Adversary:
+    """PGD/CW of ``mrpf evaluate``: evaluate.pgd_steps at evaluate.step_size."""
+    return _adversary(params, params.evaluate.pgd_steps, params.evaluate.step_size)
+
+
+def probe_adversary(params: Params) -> Adversary:
+    """The MRS probe's and adversarial Taylor's attack: mrs.steps at 2.5 * eps / steps."""
+    return _adversary(params, params.mrs.steps, None)
 
 
 def pgd_at_loss(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -62,12 +92,8 @@ def _clean(model, x, y, adv, beta):
     return F.cross_entropy(logits, y), logits
 
 
-def _pgd_x(model, x, y, adv):
-    return pgd(model, x, y, eps=adv.eps, step_size=adv.step_size, steps=adv.steps, norm=adv.norm)
-
-
 def _pgd_at(model, x, y, adv, beta):
-    logits_adv = model(_pgd_x(model, x, y, adv))
+    logits_adv = model(adv.attack(model, x, y))
     return pgd_at_loss(logits_adv, y), logits_adv
 
 
@@ -78,7 +104,7 @@ def _trades(model, x, y, adv, beta):
 
 
 def _mart(model, x, y, adv, beta):
-    x_adv = _pgd_x(model, x, y, adv)
+    x_adv = adv.attack(model, x, y)
     logits_clean, logits_adv = model(x), model(x_adv)
     return mart_loss(logits_clean, logits_adv, y, beta), logits_adv
 

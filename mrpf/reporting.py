@@ -32,8 +32,9 @@ def _pyplot():
     return plt
 
 
-def plot_mrs(mrs: dict, ratios: list[float] | None, path: str | Path, title: str = "") -> None:
-    """Bar chart of MRS per group and, beside it, the allocated pruning ratio, as a PNG."""
+def plot_mrs(mrs: dict, ratios: dict[float, list[float]] | None, path: str | Path, title: str = "") -> None:
+    """Bar chart of MRS per group and, below it, the pruning ratio allocated at each sparsity
+    (``ratios``: sparsity -> one ratio per group), as a PNG."""
     plt = _pyplot()
     rows = mrs["groups"]
     labels = [f"{r['id']}: {r['root'].removeprefix('net.')}" for r in rows]
@@ -43,9 +44,13 @@ def plot_mrs(mrs: dict, ratios: list[float] | None, path: str | Path, title: str
     axes[0][0].set_ylabel("MRS (relative robust-loss rise)")
     axes[0][0].set_title(title or "Module Robustness Sensitivity per group")
     if ratios is not None:
-        axes[1][0].bar(range(len(rows)), ratios, color="tab:blue")
+        width = 0.8 / max(1, len(ratios))
+        for k, (sparsity, values) in enumerate(sorted(ratios.items())):
+            axes[1][0].bar([i + (k - (len(ratios) - 1) / 2) * width for i in range(len(rows))], values, width,
+                           label=f"{sparsity:.0%} removed")
         axes[1][0].set_ylabel("allocated pruning ratio")
         axes[1][0].set_ylim(0, 1)
+        axes[1][0].legend(fontsize=7)
     for ax in (a[0] for a in axes):
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels(labels, rotation=70, ha="right", fontsize=7)

@@ -14,17 +14,24 @@ delta (cheaper, and blind to how pruning moves the decision boundary).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from . import allocation, devices
 from . import data as data_mod
-from .attacks import pgd
+from . import groups as groups_mod
+from .config import Params
 from .devices import Runtime
 from .errors import MrpfError
 from .groups import Group, channel_magnitude, masked
-from .objectives import Adversary
+from .io import write_json
+from .models import load_model
+from .objectives import Adversary, probe_adversary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +54,7 @@ def _robust_loss(model, batches, adversary: Adversary | None, fixed_deltas: list
             x_adv = x
         else:
             torch.manual_seed(seed + i)
-            x_adv = pgd(model, x, y, eps=adversary.eps, step_size=adversary.step_size, steps=adversary.steps,
-                        norm=adversary.norm)
+            x_adv = adversary.attack(model, x, y)
         deltas.append(x_adv - x)
         with torch.no_grad():
             logits = model(x_adv)
@@ -101,4 +107,61 @@ def _compute_mrs(model, groups, calibration, adversary, runtime, settings, batch
             log(f"group {group.id:3d} {group.root:<28s} ch {group.channels:4d}  loss {loss:.4f}  MRS {mrs:.4g}")
     model.train(was_training)
     return {"base_loss": base_loss, "base_acc": base_acc, "settings": dataclasses.asdict(settings),
+            "adversary": dataclasses.asdict(adversary), "batch_size": batch_size,
             "calibration_images": len(calibration), "groups": rows}
+
+
+def mrs_settings(params: Params, signal: str | None = None) -> MrsSettings:
+    """The probe settings of ``params`` (``signal`` overrides mrs.signal: mrpf_clean)."""
+    m = params.mrs
+    return MrsSettings(probe_ratio=m.probe_ratio, attack=m.attack, signal=signal or m.signal, seed=params.seed)
+
+
+def check_reusable(result: dict, path, model, arch: dict, calibration: data_mod.ImageSet, params: Params) -> None:
+    """Refuse an ``mrs.json`` that was not measured on this model with this run's MRS settings
+    (probe, attack, calibration set, groups): reusing it would not be the same as measuring."""
+    _, found = groups_mod.find_groups(model, arch["input_size"], arch["num_classes"])
+    expected = {"settings": dataclasses.asdict(mrs_settings(params)),
+                "adversary": dataclasses.asdict(probe_adversary(params)), "batch_size": params.mrs.batch_size,
+                "calibration_images": len(calibration),
+                "groups": [(g.root, g.channels) for g in found]}
+    found_there = {k: result.get(k) for k in expected if k != "groups"}
+    found_there["groups"] = [(r["root"], r["channels"]) for r in result.get("groups", [])]
+    differ = [k for k in expected if _plain(expected[k]) != _plain(found_there[k])]
+    if differ:
+        raise MrpfError(f"{path}: measured with other {', '.join(differ)} than this prune run; "
+                        f"rerun `mrpf mrs` with the same parameters or leave out --mrs")
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))
+
+
+def run_mrs(params: Params, checkpoint: str | Path, run_dir: str | Path, log=print,
+            sparsities: list[float] | None = None) -> dict:
+    """``mrpf mrs``: MRS of every group of a checkpoint and the ratios MRPF would allocate at
+    each of ``sparsities`` (default: prune.sparsity); writes ``mrs.json`` and ``mrs.png``."""
+    from .reporting import plot_mrs
+
+    run_dir = Path(run_dir)
+    runtime = devices.setup(params.device, log)
+    model, state = load_model(checkpoint, runtime)
+    arch = state["arch"]
+    splits = data_mod.load_splits(params.data, with_test=False)
+    _, found = groups_mod.find_groups(model, arch["input_size"], arch["num_classes"])
+    started = time.perf_counter()
+    result = compute_mrs(model, found, splits.calibration, probe_adversary(params), runtime, mrs_settings(params),
+                         params.mrs.batch_size, log)
+    result["seconds"] = time.perf_counter() - started
+    pp = params.prune
+    ratios, result["allocation"] = {}, []
+    for sparsity in sparsities or [pp.sparsity]:
+        solved = allocation.solve(model, found, [r["mrs"] for r in result["groups"]], input_size=arch["input_size"],
+                                  num_classes=arch["num_classes"], budget=sparsity, metric=pp.metric, alpha=pp.alpha,
+                                  r_max=pp.r_max, cost_aware=pp.cost_aware, round_to=pp.round_to)
+        ratios[sparsity] = solved["ratios"]
+        result["allocation"].append({"sparsity": sparsity, "metric": pp.metric, "achieved": solved["achieved"],
+                                     "ratios": solved["ratios"]})
+    plot_mrs(result, ratios, run_dir / "mrs.png", f"MRS and MRPF's ratios per {pp.metric} reduction ({arch['name']})")
+    write_json(run_dir / "mrs.json", result)
+    return result

@@ -18,55 +18,45 @@ import torch
 
 from . import data as data_mod
 from . import devices
-from .attacks import pgd
-from .config import as_float, pgd_step_size
+from .config import Params, TrainParams
 from .errors import MrpfError
 from .gradient_step import GradientStep
 from .io import atomic_path, crash_point, load_checkpoint, remove_stale_temporaries, save_checkpoint, write_json
 from .models import arch_description, instantiate
-from .objectives import OBJECTIVES, Adversary
+from .objectives import OBJECTIVES, Adversary, training_adversary, validation_adversary
 
 RESUME_FILE = "last.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "train_metrics.json"
 
 
-def adversary_from(params: dict) -> Adversary:
-    """The training attack: attack.* with train.steps and train.step_size."""
-    steps = params["train"]["steps"]
-    return Adversary(eps=as_float(params["attack"]["eps"], "attack.eps"),
-                     step_size=pgd_step_size(params, "train.step_size", steps), steps=steps,
-                     norm=params["attack"]["norm"])
-
-
-def make_optimizer(model: torch.nn.Module, train: dict, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, train: TrainParams, device: torch.device) -> torch.optim.Optimizer:
     """SGD with (Nesterov) momentum; weight decay on conv/linear weights only, not on BN or biases."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": as_float(train["weight_decay"], "train.weight_decay")},
+    groups = [{"params": decay, "weight_decay": train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    lr = as_float(train["lr"], "train.lr")
-    momentum = as_float(train["momentum"], "train.momentum")
     # fused CUDA kernel for the update (one launch for all parameters); on the CPU the step is
     # a negligible share of a PGD-k batch, so the default implementation stays.
     kwargs = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=bool(train["nesterov"]) and momentum > 0,
+    return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum,
+                           nesterov=train.nesterov and train.momentum > 0,
                            **kwargs)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, train: dict, steps_per_epoch: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainParams, steps_per_epoch: int):
     """A per-batch learning-rate schedule from torch.optim.lr_scheduler."""
-    total = max(1, train["epochs"] * steps_per_epoch)
+    total = max(1, train.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler
-    name = train["schedule"]
+    name = train.schedule
     if name == "onecycle":
-        return sched.OneCycleLR(optimizer, max_lr=as_float(train["lr"], "train.lr"), total_steps=total,
+        return sched.OneCycleLR(optimizer, max_lr=train.lr, total_steps=total,
                                 pct_start=0.3, cycle_momentum=False, anneal_strategy="linear")
     if name == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=total)
     if name == "multistep":
-        milestones = [int(round(float(m) * total)) for m in train["milestones"]]
-        return sched.MultiStepLR(optimizer, milestones=milestones, gamma=as_float(train["gamma"], "train.gamma"))
+        milestones = [int(round(m * total)) for m in train.milestones]
+        return sched.MultiStepLR(optimizer, milestones=milestones, gamma=train.gamma)
     return sched.LambdaLR(optimizer, lambda step: 1.0)
 
 
@@ -84,9 +74,10 @@ def make_ema(model: torch.nn.Module, decay):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=True)
 
 
-def _resume_key(params: dict, arch: dict) -> str:
+def _resume_key(params: Params, arch: dict) -> str:
     """The params that define a training run; a resume with different ones is refused."""
-    return json.dumps({"arch": arch, **{k: params[k] for k in ("seed", "data", "attack", "train")}}, sort_keys=True)
+    plain = params.to_dict()
+    return json.dumps({"arch": arch, **{k: plain[k] for k in ("seed", "data", "attack", "train")}}, sort_keys=True)
 
 
 def evaluate_split(model: torch.nn.Module, images: data_mod.ImageSet, runtime: devices.Runtime,
@@ -99,8 +90,7 @@ def evaluate_split(model: torch.nn.Module, images: data_mod.ImageSet, runtime: d
     model.eval()
     for x, y in data_mod.Batches(images, batch_size, runtime.device, channels_last=runtime.channels_last):
         if adversary is not None:
-            x = pgd(model, x, y, eps=adversary.eps, step_size=adversary.step_size, steps=adversary.steps,
-                    norm=adversary.norm)
+            x = adversary.attack(model, x, y)
         with torch.no_grad():
             correct += int((model(x).argmax(1) == y).sum())
     model.train(was_training)
@@ -146,7 +136,7 @@ def write_history(path: Path, history: list[dict]) -> None:
         tmp.write_text("\n".join(rows) + "\n")
 
 
-def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Module | None = None,
+def train(params: Params, run_dir: str | Path, log=print, *, model: torch.nn.Module | None = None,
           arch: dict | None = None) -> dict:
     """Train a model as ``params`` say; write ``checkpoint.pt`` and ``train_metrics.json`` to ``run_dir``.
 
@@ -155,25 +145,23 @@ def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Modul
     (with ``train.ema_decay``, the EMA), so pruning goes on from the checkpoint's model.
     """
     run_dir = Path(run_dir)
-    runtime = devices.setup(params["device"], log)
-    tp = params["train"]
-    objective = OBJECTIVES[tp["method"]]
-    adversary = adversary_from(params)
-    eps = adversary.eps
-    val_adversary = Adversary(eps=eps, step_size=pgd_step_size(params, "evaluate.step_size", tp["val_pgd_steps"]),
-                              steps=tp["val_pgd_steps"], norm=adversary.norm)
-    splits = data_mod.load_splits(params, with_test=False)
+    runtime = devices.setup(params.device, log)
+    tp = params.train
+    objective = OBJECTIVES[tp.method]
+    adversary = training_adversary(params)
+    val_adversary = validation_adversary(params)
+    splits = data_mod.load_splits(params.data, with_test=False)
     spec = splits.spec
     if model is None:
-        arch = arch_description(params["model"]["arch"], spec.num_classes, spec.input_size, spec.mean, spec.std,
-                                params["model"]["activation"])
-        torch.manual_seed(params["seed"])
+        arch = arch_description(params.model.arch, spec.num_classes, spec.input_size, spec.mean, spec.std,
+                                params.model.activation)
+        torch.manual_seed(params.seed)
         model = instantiate(arch)
     model = runtime.prepare(model)
-    steps_per_epoch = math.ceil(len(splits.train) / tp["batch_size"])
+    steps_per_epoch = math.ceil(len(splits.train) / tp.batch_size)
     optimizer = make_optimizer(model, tp, runtime.device)
     scheduler = make_scheduler(optimizer, tp, steps_per_epoch)
-    ema = make_ema(model, tp["ema_decay"])
+    ema = make_ema(model, tp.ema_decay)
     eval_model = model if ema is None else ema.module   # validated and saved
 
     start_epoch, history = 0, []
@@ -190,23 +178,23 @@ def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Modul
             ema.load_state_dict(state["ema"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
-        log(f"resuming {run_dir.name} after epoch {start_epoch}/{tp['epochs']}")
+        log(f"resuming {run_dir.name} after epoch {start_epoch}/{tp.epochs}")
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_images = data_mod.Batches(splits.train, tp["batch_size"], runtime.device, shuffle=True,
-                                    spec=spec if params["data"]["augment"] else None,
+    train_images = data_mod.Batches(splits.train, tp.batch_size, runtime.device, shuffle=True,
+                                    spec=spec if params.data.augment else None,
                                     channels_last=runtime.channels_last)
     # objective and backward of each batch; on CUDA replayed from a CUDA graph (device.cuda_graphs)
-    gradients = GradientStep(model, objective, adversary, as_float(tp["beta"], "train.beta"), runtime, log)
-    for epoch in range(start_epoch, tp["epochs"]):
-        torch.manual_seed(params["seed"] * 100_003 + epoch)      # attack random starts of this epoch
-        train_images.seed = params["seed"] * 1_000_003 + epoch     # shuffling and augmentation of this epoch
+    gradients = GradientStep(model, objective, adversary, tp.beta, runtime, log)
+    for epoch in range(start_epoch, tp.epochs):
+        torch.manual_seed(params.seed * 100_003 + epoch)      # attack random starts of this epoch
+        train_images.seed = params.seed * 1_000_003 + epoch     # shuffling and augmentation of this epoch
         model.train()
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=runtime.device)
         correct = torch.zeros((), device=runtime.device, dtype=torch.long)
         seen = 0
-        progress = _Progress(len(train_images), f"epoch {epoch + 1}/{tp['epochs']}")
+        progress = _Progress(len(train_images), f"epoch {epoch + 1}/{tp.epochs}")
         for batch, (x, y) in enumerate(train_images):
             crash_point("batch")
             loss, logits = gradients(x, y)
@@ -227,11 +215,11 @@ def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Modul
         progress.close()
         seconds = time.perf_counter() - started
         row = {"epoch": epoch, "train_loss": float(loss_sum) / seen,
-               ("train_clean_acc" if tp["method"] == "clean" else "train_robust_acc"): int(correct) / seen,
+               ("train_clean_acc" if tp.method == "clean" else "train_robust_acc"): int(correct) / seen,
                "lr": lr, "images_per_s": seen / seconds, "epoch_seconds": seconds,
                "val_clean_acc": evaluate_split(eval_model, splits.val, runtime, None),
                "val_pgd_acc": evaluate_split(eval_model, splits.val, runtime, val_adversary)
-               if tp["val_pgd_steps"] else None}
+               if tp.val_pgd_steps else None}
         history.append(row)
         save_checkpoint(resume_path, arch, model.state_dict(), optimizer=optimizer.state_dict(),
                         **({} if ema is None else {"ema": ema.state_dict()}),
@@ -239,15 +227,15 @@ def train(params: dict, run_dir: str | Path, log=print, *, model: torch.nn.Modul
                         resume_key=_resume_key(params, arch))
         write_history(run_dir / HISTORY_FILE, history)
         val_pgd = "-" if row["val_pgd_acc"] is None else f"{row['val_pgd_acc']:.3f}"
-        log(f"epoch {epoch + 1}/{tp['epochs']}  loss {row['train_loss']:.4f}  "
+        log(f"epoch {epoch + 1}/{tp.epochs}  loss {row['train_loss']:.4f}  "
             f"train_acc {int(correct) / seen:.3f}  val_clean {row['val_clean_acc']:.3f}  val_pgd {val_pgd}  "
             f"{row['images_per_s']:.0f} img/s  {seconds:.1f}s")
 
     write_history(run_dir / HISTORY_FILE, history)    # again: a kill may have come between last.pt and it
-    summary = {"epochs": tp["epochs"], "method": tp["method"], "arch": arch["name"],
+    summary = {"epochs": tp.epochs, "method": tp.method, "arch": arch["name"],
                "train_seconds": sum(r["epoch_seconds"] for r in history),
                **({k: v for k, v in history[-1].items() if k != "epoch"} if history else {})}
-    save_checkpoint(run_dir / CHECKPOINT_FILE, arch, eval_model.state_dict(), epoch=tp["epochs"], params=params)
+    save_checkpoint(run_dir / CHECKPOINT_FILE, arch, eval_model.state_dict(), epoch=tp.epochs, params=params.to_dict())
     write_json(run_dir / METRICS_FILE, summary)
     resume_path.unlink(missing_ok=True)
     if ema is not None:   # the caller's model (a pruned model being fine-tuned) goes on as the one saved

@@ -29,6 +29,7 @@ compares what each plans). Output layout::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from .config import merge, read_yaml
 from .errors import MrpfError
 
 SCHEMA = "workflow/schemas/params.schema.yaml"
@@ -52,8 +54,9 @@ COMMANDS = {
                 "data.dataset={dataset} data.train_path=data/{dataset}/train.npz "
                 "data.test_path=data/{dataset}/test.npz",
     "mrs": "mrpf mrs --params {params_file} grid={grid} --runs-dir results --run {dataset}/{arch}/{tm}/mrs "
-           "--checkpoint results/{dataset}/{arch}/{tm}/dense/checkpoint.pt data.dataset={dataset} "
-           "data.train_path=data/{dataset}/train.npz data.test_path=data/{dataset}/test.npz train.method={tm}",
+           "--checkpoint results/{dataset}/{arch}/{tm}/dense/checkpoint.pt --sparsities {sparsities} "
+           "data.dataset={dataset} data.train_path=data/{dataset}/train.npz data.test_path=data/{dataset}/test.npz "
+           "train.method={tm}",
     "prune": "mrpf prune --params {params_file} grid={grid} --runs-dir results "
              "--run {dataset}/{arch}/{tm}/{pm}-{sparsity} "
              "--checkpoint results/{dataset}/{arch}/{tm}/dense/checkpoint.pt --method {pm} --sparsity {sparsity} "
@@ -89,6 +92,13 @@ def stage_params(stage: str, method: str | None = None) -> list[str]:
     return ["seed", "attack", "train", "data.augment"] + _SPLITS + _FINETUNE + PRUNE_PARAMS[method]
 
 
+# The fields of each stage's cell (Snakemake wildcards, dvc.yaml foreach items).
+CELL_FIELDS = {"data": ("dataset",), "train": ("dataset", "arch", "tm"), "mrs": ("dataset", "arch", "tm"),
+               "prune": ("dataset", "arch", "tm", "pm", "sparsity"), "evaluate": ("dataset", "arch", "tm", "model"),
+               "report": ()}
+MRS_REUSE = "mrpf"   # the pruning method whose first step reads the mrs stage's mrs.json (same MRS settings)
+
+
 @dataclasses.dataclass
 class Job:
     stage: str
@@ -99,16 +109,27 @@ class Job:
     plots: list[str] = dataclasses.field(default_factory=list)     # CSV/PNG, kept in Git
     kept: list[str] = dataclasses.field(default_factory=list)      # other small outputs kept in Git
 
-    def command(self, params_file: str, grid: str) -> str:
-        return command(self.stage, params_file=params_file, grid=grid, **self.cell)
+    def command(self, params_file: str, grid_name: str, grid: dict) -> str:
+        return command(self.stage, params_file, grid_name, grid, self.cell)
 
     @property
     def outputs(self) -> list[str]:
         return self.outs + self.metrics + self.plots + self.kept
 
 
-def command(stage: str, **fields: Any) -> str:
-    return COMMANDS[stage].format(**fields)
+def command(stage: str, params_file: str, grid_name: str, grid: dict, cell: dict) -> str:
+    """The stage's ``mrpf`` command for one cell of grid ``grid_name``."""
+    fields = dict(cell, params_file=params_file, grid=grid_name,
+                  sparsities=" ".join(sparsity_label(s) for s in grid["sparsities"]))
+    text = COMMANDS[stage].format(**fields)
+    if stage == "prune" and cell["pm"] == MRS_REUSE:
+        text += f" --mrs {run_dir(cell['dataset'], cell['arch'], cell['tm'], 'mrs')}/mrs.json"
+    return text
+
+
+def pattern(stage: str) -> Job:
+    """The job of ``stage`` with ``{field}`` wildcards in its paths (Snakemake's rules)."""
+    return job(stage, {k: "{" + k + "}" for k in CELL_FIELDS[stage]})
 
 
 def run_dir(dataset: str, arch: str, tm: str, model: str) -> str:
@@ -140,6 +161,45 @@ def active_grid(config: dict) -> tuple[str, dict]:
     return name, config["grids"][name]
 
 
+def load_config(path: str | Path, overrides: list[str] | tuple = (), schema: str | Path | None = None) -> dict:
+    """params.yaml as the pipeline sees it: ``grid=NAME`` (the only override here) applied,
+    the structure validated against the schema beside it."""
+    config = read_yaml(path)
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if key != "grid" or not value:
+            raise MrpfError(f"only grid=NAME is accepted here, got {text!r}")
+        config["grid"] = value
+    validate_config(config, schema or Path(path).resolve().parent / SCHEMA, source=str(path))
+    return config
+
+
+def resolve_params(defaults: dict, raw: dict, overrides: list[dict]) -> dict:
+    """One run's parameters as plain data: ``defaults``, then a params file's sections, then
+    the active grid's ``params`` and ``dataset_params[data.dataset]`` (``grid``, or a
+    ``grid=NAME`` override, picks the grid), then the overrides, which win over the grid."""
+    params = copy.deepcopy(defaults)
+    raw = dict(raw)
+    grid_name, grids = raw.pop("grid", None), raw.pop("grids", None) or {}
+    merge(params, raw)
+    overrides = [copy.deepcopy(o) for o in overrides]
+    for override in overrides:
+        if "grid" in override:
+            grid_name = override.pop("grid")
+    if grid_name is not None:
+        if grid_name not in grids:
+            raise MrpfError(f"grid: unknown grid {grid_name!r} (params file defines: {', '.join(grids) or 'none'})")
+        grid = grids[grid_name] or {}
+        merge(params, copy.deepcopy(grid.get("params") or {}), f"grids.{grid_name}.params.")
+        for override in overrides:
+            merge(params, copy.deepcopy(override))
+        dataset_params = (grid.get("dataset_params") or {}).get(params["data"]["dataset"]) or {}
+        merge(params, copy.deepcopy(dataset_params), f"grids.{grid_name}.dataset_params.")
+    for override in overrides:
+        merge(params, override)
+    return params
+
+
 def cells(config: dict) -> list[dict]:
     """Every (dataset, arch, train method) of the active grid."""
     _, grid = active_grid(config)
@@ -162,7 +222,8 @@ def job(stage: str, cell: dict) -> Job:
         return Job("mrs", cell, data + [f"{dense}/checkpoint.pt"], [], kept=[f"{mrs}/mrs.json", f"{mrs}/mrs.png"])
     if stage == "prune":
         folder = run_dir(**base, model=f"{cell['pm']}-{cell['sparsity']}")
-        return Job("prune", cell, data + [f"{dense}/checkpoint.pt"], [f"{folder}/checkpoint.pt"],
+        mrs = [f"{run_dir(**base, model='mrs')}/mrs.json"] if cell["pm"] == MRS_REUSE else []
+        return Job("prune", cell, data + [f"{dense}/checkpoint.pt"] + mrs, [f"{folder}/checkpoint.pt"],
                    kept=[f"{folder}/prune.json"])
     if stage == "evaluate":
         folder = run_dir(**base, model=cell["model"])
@@ -196,7 +257,7 @@ def targets(config: dict) -> list[str]:
 
 
 def _dvc_stage(job: Job, params_file: str, grid_name: str, grid: dict) -> dict:
-    stage: dict = {"cmd": job.command(params_file, grid_name)}
+    stage: dict = {"cmd": job.command(params_file, grid_name, grid)}
     if job.deps:
         stage["deps"] = job.deps
     sections = stage_params(job.stage, job.cell.get("pm"))

@@ -3,7 +3,7 @@ import torch
 
 from mrpf import allocation, groups
 from mrpf.errors import MrpfError
-from mrpf.models import build_model
+from mrpf.models import build_model, count_ops
 
 
 def _setup(name, size=32):
@@ -25,8 +25,8 @@ def test_budget_is_met_within_one_point(name, metric, budget):
     assert abs(out["achieved"] - budget) <= 0.01, out["achieved"]
     assert max(out["ratios"]) <= 0.95 + 1e-9
     pruned, _ = allocation.prune_copy(model, 32, 10, out["ratios"], caps=out["caps"])
-    dense = allocation.count(model, 32)[metric]
-    assert abs(1 - allocation.count(pruned, 32)[metric] / dense - budget) <= 0.01
+    dense = count_ops(model, 32)[metric]
+    assert abs(1 - count_ops(pruned, 32)[metric] / dense - budget) <= 0.01
 
 
 @pytest.mark.parametrize("name", ["vgg16_w4", "resnet18_w4"])
@@ -76,19 +76,19 @@ def test_round_to_keeps_multiples_of_eight_and_meets_the_budget(name):
     _, kept = groups.find_groups(pruned, 32, 10)
     assert all(g.channels % 8 == 0 for g, dense in zip(kept, found) if dense.channels >= 8)
     assert any(g.channels != dense.channels for g, dense in zip(kept, found))
-    achieved = 1 - allocation.count(pruned, 32)["macs"] / allocation.count(model, 32)["macs"]
+    achieved = 1 - count_ops(pruned, 32)["macs"] / count_ops(model, 32)["macs"]
     assert 0.5 <= achieved <= 0.53, achieved
 
 
 def test_global_ranking_methods_round_too():
-    from mrpf.pruning import _global_plan
+    from mrpf.scoring import global_plan
 
     model, found, _ = _setup("vgg16_w2")
     graph, found = groups.find_groups(model, 32, 10)
     scores = [groups.channel_magnitude(model, g) for g in found]
-    dense = allocation.count(model, 32)
+    dense = count_ops(model, 32)
     caps = [allocation.removal_cap(g.channels, g.channels, 0.9) for g in found]
-    remove, achieved = _global_plan(model, found, scores, 0.5, "macs", caps, 32, 10, dense, round_to=8)
+    remove, achieved = global_plan(model, found, scores, 0.5, "macs", caps, 32, 10, dense, round_to=8)
     assert achieved >= 0.5
     assert all((g.channels - len(remove[g.id])) % 8 == 0 for g in found if remove[g.id])
     for g in found:   # the removed channels are the group's lowest-scored ones
@@ -119,15 +119,15 @@ def test_rounded_removal_never_passes_the_cap(channels, n, round_to, cap, expect
 
 def test_allocation_and_global_thresholds_share_the_cap():
     """A group every method would empty loses exactly removal_cap channels, by either path."""
-    from mrpf.pruning import _global_plan
+    from mrpf.scoring import global_plan
 
     model, found, mrs = _setup("vgg16_w4")
-    dense = allocation.count(model, 32)
+    dense = count_ops(model, 32)
     caps = [allocation.removal_cap(g.channels, g.channels, 0.3) for g in found]
     target = 2
     scores = [torch.full((g.channels,), 1.0 if g.id != target else 0.0) + torch.rand(g.channels) * 1e-3
               for g in found]
-    remove, _ = _global_plan(model, found, scores, 0.05, "macs", caps, 32, 10, dense)
+    remove, _ = global_plan(model, found, scores, 0.05, "macs", caps, 32, 10, dense)
     assert len(remove[target]) == caps[target] == int(0.3 * found[target].channels)
     low = [100.0 if g.id != target else 1e-6 for g in found]     # the allocation sends it to its cap
     out = allocation.solve(model, found, low, input_size=32, num_classes=10, budget=0.05, r_max=0.3,

@@ -13,7 +13,7 @@ from mrpf import attacks
 from mrpf.config import load_params
 from mrpf.data import fixed_subset, read_npz
 from mrpf.devices import setup
-from mrpf.evaluation import load_model
+from mrpf.models import load_model
 from mrpf.training import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
@@ -27,7 +27,7 @@ def robust_model(real_data, tmp_path_factory):
                                 "train.val_pgd_steps=0", "device.name=cpu"])
     run = tmp_path_factory.mktemp("robust")
     train(params, run, log=lambda m: None)
-    model, _ = load_model(run / "checkpoint.pt", setup(params["device"]))
+    model, _ = load_model(run / "checkpoint.pt", setup(params.device))
     test = fixed_subset(read_npz(real_data["test"]), 1000)
     return model, test.x.float() / 255, test.y
 

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mrpf import attacks
+from mrpf.config import DeviceParams
 from mrpf.models import Classifier
 
 EPS = 8 / 255
@@ -13,10 +14,9 @@ def trained(tiny_data, trained_checkpoint):
     """The clean-trained small model (conftest) and a test batch."""
     from mrpf.data import read_npz
     from mrpf.devices import setup
-    from mrpf.evaluation import load_model
+    from mrpf.models import load_model
 
-    model, _ = load_model(trained_checkpoint, setup({"name": "cpu", "threads": None, "channels_last": True,
-                                                     "bf16": False}))
+    model, _ = load_model(trained_checkpoint, setup(DeviceParams(name="cpu", channels_last=True, bf16=False)))
     test = read_npz(tiny_data["test"])
     return model, test.x[:100].float() / 255, test.y[:100]
 

@@ -8,10 +8,10 @@ def test_defaults_validate_and_overrides_apply(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("train:\n  epochs: 7\nattack:\n  eps: 4/255\n")
     params = load_params(path, ["train.lr=0.05", "evaluate.attacks=[clean,pgd]"])
-    assert params["train"]["epochs"] == 7
-    assert params["train"]["lr"] == 0.05
-    assert params["evaluate"]["attacks"] == ["clean", "pgd"]
-    assert as_float(params["attack"]["eps"], "attack.eps") == pytest.approx(4 / 255)
+    assert params.train.epochs == 7
+    assert params.train.lr == 0.05
+    assert params.evaluate.attacks == ("clean", "pgd")
+    assert params.attack.eps == pytest.approx(4 / 255)
 
 
 def test_fraction_parsing():

@@ -1,17 +1,18 @@
 """The CUDA path: bf16 autocast, channels_last, CUDA graphs, evaluation on the GPU (skipped without CUDA)."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mrpf import attacks
-from mrpf.config import load_params
+from mrpf.config import DeviceParams, load_params
 from mrpf.devices import setup
-from mrpf.evaluation import evaluate, load_model
+from mrpf.evaluation import evaluate
 from mrpf.gradient_step import GradientStep
-from mrpf.models import build_model
+from mrpf.models import build_model, load_model
 from mrpf.objectives import OBJECTIVES, Adversary
 from mrpf.training import train
 
@@ -34,9 +35,9 @@ def test_train_and_evaluate_on_cuda(tiny_data, tmp_path, bf16):
     assert metrics["device"].startswith("cuda") and metrics["latency_ms"] > 0
     assert metrics["pgd_acc"] <= metrics["clean_acc"]
     # the checkpoint written on the GPU loads on the CPU and gives (nearly) the same logits
-    gpu_model, _ = load_model(tmp_path / "run" / "checkpoint.pt", setup(params["device"]))
+    gpu_model, _ = load_model(tmp_path / "run" / "checkpoint.pt", setup(params.device))
     cpu_model, _ = load_model(tmp_path / "run" / "checkpoint.pt",
-                              setup({**params["device"], "name": "cpu", "bf16": False}))
+                              setup(dataclasses.replace(params.device, name="cpu", bf16=False)))
     x = torch.rand(8, 3, 32, 32)
     # cuDNN convolutions default to TF32 (10-bit mantissa): compare in full fp32
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
@@ -84,8 +85,7 @@ def test_graphed_training_step_equals_the_eager_one(arch, method, eps):
     results = {}
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
         for graphs in (False, True):
-            runtime = setup({"name": "cuda", "threads": None, "channels_last": True, "bf16": False,
-                             "cuda_graphs": graphs})
+            runtime = setup(DeviceParams(name="cuda", channels_last=True, bf16=False, cuda_graphs=graphs))
             torch.backends.cudnn.benchmark = False     # setup turns autotuning on; keep kernels comparable
             results[graphs] = _train_steps(copy.deepcopy(model), runtime, method, eps, batches, warmup=1)
     (eager_losses, eager_state, _), (graph_losses, graph_state, step) = results[False], results[True]
@@ -103,7 +103,7 @@ def test_graphed_bf16_step_follows_the_eager_one():
                 torch.randint(0, 10, (32,), device="cuda")) for _ in range(3)] * 3
     runs = {}
     for graphs in (False, True):
-        runtime = setup({"name": "cuda", "threads": None, "channels_last": True, "bf16": True, "cuda_graphs": graphs})
+        runtime = setup(DeviceParams(name="cuda", channels_last=True, bf16=True, cuda_graphs=graphs))
         runs[graphs], _, step = _train_steps(copy.deepcopy(model), runtime, "pgd_at", 8 / 255, batches, warmup=2)
     assert step.graph is not None
     assert all(loss == loss and abs(loss) < 1e3 for loss in runs[True])
@@ -121,7 +121,7 @@ def test_a_step_that_cannot_be_captured_trains_eagerly():
 
     torch.manual_seed(0)
     model = build_model("vgg11_w8", 10, 32).cuda().train()
-    runtime = setup({"name": "cuda", "threads": None, "channels_last": False, "bf16": False, "cuda_graphs": True})
+    runtime = setup(DeviceParams(name="cuda", channels_last=False, bf16=False, cuda_graphs=True))
     lines = []
     step = GradientStep(model, syncing, Adversary(eps=0.0, step_size=0.0, steps=0), 0.0, runtime, lines.append,
                         warmup=1)

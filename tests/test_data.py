@@ -14,7 +14,8 @@ from .conftest import make_images, write_npz
 
 
 def params_for(**data_keys):
-    return load_params(None, [f"data.{k}={v}" for k, v in data_keys.items()])
+    """The data section of the default params with ``data_keys`` set."""
+    return load_params(None, [f"data.{k}={v}" for k, v in data_keys.items()]).data
 
 
 def test_npz_reader_gives_nchw_uint8(tmp_path):
@@ -133,9 +134,9 @@ def test_missing_dataset_says_what_where_and_how(tmp_path, dataset):
 
 def test_splits_are_fixed_disjoint_and_seed_independent(tiny_data):
     a = data.load_splits(load_params(None, [f"data.train_path={tiny_data['train']}", "data.val_size=100",
-                                            "data.calibration_size=50", "seed=1"]), with_test=False)
+                                            "data.calibration_size=50", "seed=1"]).data, with_test=False)
     b = data.load_splits(load_params(None, [f"data.train_path={tiny_data['train']}", "data.val_size=100",
-                                            "data.calibration_size=50", "seed=2"]), with_test=False)
+                                            "data.calibration_size=50", "seed=2"]).data, with_test=False)
     assert len(a.train) == 500 and len(a.val) == 100 and len(a.calibration) == 50
     assert torch.equal(a.val.x, b.val.x) and torch.equal(a.calibration.x, b.calibration.x)
     train_rows = {bytes(t.numpy()) for t in a.train.x}
@@ -147,7 +148,7 @@ def test_calibration_larger_than_training_set_is_refused(tiny_data):
     params = load_params(None, [f"data.train_path={tiny_data['train']}", "data.val_size=100",
                                 "data.calibration_size=501"])
     with pytest.raises(MrpfError, match="calibration_size=501 is larger than the training split"):
-        data.load_splits(params, with_test=False)
+        data.load_splits(params.data, with_test=False)
 
 
 def test_augmentation_crops_and_flips_like_torchvision():

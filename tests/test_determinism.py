@@ -8,7 +8,8 @@ import json
 import pytest
 
 from mrpf.config import load_params
-from mrpf.pruning import run_mrs, run_prune
+from mrpf.pruning import run_prune
+from mrpf.sensitivity import run_mrs
 from mrpf.training import train
 
 from .conftest import tiny_overrides

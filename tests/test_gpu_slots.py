@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mrpf.config import DeviceParams
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,9 +73,9 @@ def test_setup_claims_a_slot_only_for_gpu_devices(tmp_path, monkeypatch):
     monkeypatch.setenv("MRPF_FAKE_GPUS", "2")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     try:
-        devices.setup({"name": "cpu", "threads": None, "channels_last": True, "bf16": False})
+        devices.setup(DeviceParams(name="cpu", channels_last=True, bf16=False))
         assert not gpu_slots._held
-        devices.setup({"name": "auto", "threads": None, "channels_last": True, "bf16": False})
+        devices.setup(DeviceParams(name="auto", channels_last=True, bf16=False))
         assert list(gpu_slots._held) == ["0"] and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
     finally:
         gpu_slots.release()

@@ -3,12 +3,12 @@ import torch
 import torch.nn as nn
 
 from mrpf import groups
+from mrpf.config import DeviceParams
 from mrpf.devices import setup
-from mrpf.evaluation import load_model
 from mrpf.io import save_checkpoint
-from mrpf.models import arch_description, build_model
+from mrpf.models import arch_description, build_model, load_model
 
-CPU = setup({"name": "cpu", "threads": None, "channels_last": False, "bf16": False})
+CPU = setup(DeviceParams(name="cpu", channels_last=False, bf16=False))
 
 
 def test_a_residual_stream_is_one_group():

@@ -6,16 +6,16 @@ import torch.nn.functional as F
 
 from mrpf import groups
 from mrpf.attacks import pgd
+from mrpf.config import DeviceParams
 from mrpf.data import ImageSet, read_npz
 from mrpf.devices import setup
 from mrpf.errors import MrpfError
-from mrpf.evaluation import load_model
 from mrpf.groups import masked
-from mrpf.models import Classifier
+from mrpf.models import Classifier, load_model
 from mrpf.objectives import Adversary
 from mrpf.sensitivity import MrsSettings, compute_mrs, probe_channels
 
-CPU = setup({"name": "cpu", "threads": None, "channels_last": False, "bf16": False})
+CPU = setup(DeviceParams(name="cpu", channels_last=False, bf16=False))
 ADV = Adversary(eps=8 / 255, step_size=2 / 255, steps=3)
 
 

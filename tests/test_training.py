@@ -6,17 +6,16 @@ import sys
 import pytest
 import torch
 
-from mrpf.config import load_params
+from mrpf.config import DeviceParams, load_params
 from mrpf.devices import setup
 from mrpf.errors import MrpfError
-from mrpf.evaluation import load_model
 from mrpf.io import load_checkpoint, save_checkpoint
-from mrpf.models import arch_description, build_model
+from mrpf.models import arch_description, build_model, load_model
 from mrpf.training import make_scheduler, train
 
 from .conftest import tiny_overrides
 
-CPU = setup({"name": "cpu", "threads": None, "channels_last": True, "bf16": False})
+CPU = setup(DeviceParams(name="cpu", channels_last=True, bf16=False))
 
 
 def quiet(message):
@@ -80,7 +79,7 @@ def test_schedules_stay_positive_and_peak_at_lr(schedule):
     params = load_params(None, [f"train.schedule={schedule}", "train.epochs=4"])
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = make_scheduler(opt, params["train"], steps_per_epoch=10)
+    sched = make_scheduler(opt, params.train, steps_per_epoch=10)
     lrs = []
     for _ in range(40):
         lrs.append(opt.param_groups[0]["lr"])
@@ -134,7 +133,7 @@ def test_resume_with_other_params_is_refused(tiny_data, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(params, tmp_path / "run", log=stop)
-    params["train"]["lr"] = 0.01
+    params = params.replace("train", lr=0.01)
     with pytest.raises(MrpfError, match="different parameters"):
         train(params, tmp_path / "run", log=quiet)
 
@@ -236,7 +235,7 @@ def test_l2_evaluation_derives_a_step_that_reaches_the_radius(tiny_data, trained
     from mrpf.attacks import pgd
     from mrpf.data import read_npz
 
-    model, _ = load_model(trained_checkpoint, setup(load_params(None, base)["device"]))
+    model, _ = load_model(trained_checkpoint, setup(load_params(None, base).device))
     test = read_npz(tiny_data["test"])
     x, y = test.x.float() / 255, test.y
     torch.manual_seed(0)
@@ -255,4 +254,4 @@ def test_pgd_step_size_is_given_or_derived_from_eps_and_steps(overrides, step):
     from mrpf.config import pgd_step_size
 
     params = load_params(None, overrides)
-    assert pgd_step_size(params, "evaluate.step_size", 20) == pytest.approx(step)
+    assert pgd_step_size(params.attack, params.evaluate.step_size, 20) == pytest.approx(step)

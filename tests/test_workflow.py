@@ -32,6 +32,29 @@ def test_params_yaml_and_schema_list_every_hyperparameter_and_nothing_else():
     assert set(params) - {"grid", "grids"} == set(DEFAULTS)
 
 
+def test_every_list_of_names_follows_its_one_definition():
+    """The schema's enums, the pipeline's per-method params and the CLI's help use config's lists."""
+    from mrpf import config
+    from mrpf.cli import build_parser
+    from mrpf.objectives import OBJECTIVES
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    sections = schema["$defs"]["sections"]["properties"]
+    enums = {("prune", "method"): config.PRUNE_METHODS, ("prune", "metric"): config.BUDGET_METRICS,
+             ("attack", "norm"): config.NORMS, ("train", "schedule"): config.SCHEDULES,
+             ("mrs", "attack"): config.MRS_ATTACKS, ("mrs", "signal"): config.MRS_SIGNALS,
+             ("train", "method"): tuple(OBJECTIVES), ("prune", "finetune_method"): tuple(OBJECTIVES)}
+    for (section, key), names in enums.items():
+        assert tuple(sections[section]["properties"][key]["enum"]) == names, (section, key)
+    assert tuple(sections["evaluate"]["properties"]["attacks"]["items"]["enum"]) == config.EVALUATION_ATTACKS
+    grid = schema["$defs"]["grid"]["properties"]
+    assert tuple(grid["prune_methods"]["allOf"][1]["items"]["enum"]) == config.PRUNE_METHODS
+    assert tuple(grid["train_methods"]["allOf"][1]["items"]["enum"]) == tuple(OBJECTIVES)
+    assert set(workflow.PRUNE_PARAMS) == set(config.PRUNE_METHODS)
+    prune_help = build_parser()._subparsers._group_actions[0].choices["prune"].format_help()
+    assert ", ".join(config.PRUNE_METHODS) in " ".join(prune_help.split())
+
+
 def test_params_yaml_validates_and_the_committed_dvc_yaml_is_the_generated_one(tmp_path):
     workflow.validate_config(params_yaml(), SCHEMA)
     shutil.copy(ROOT / "params.yaml", tmp_path)
@@ -63,11 +86,11 @@ def test_grid_params_apply_between_the_file_and_the_command_line(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     quick = load_params(path)
-    assert quick["train"]["epochs"] == params["grids"]["quick"]["params"]["train"]["epochs"]
+    assert quick.train.epochs == params["grids"]["quick"]["params"]["train"]["epochs"]
     paper_svhn = load_params(path, ["grid=paper", "data.dataset=svhn"])
-    assert paper_svhn["train"]["epochs"] == 100 and paper_svhn["train"]["lr"] == 0.02
-    assert load_params(path, ["grid=paper", "data.dataset=cifar10"])["train"]["lr"] == 0.1
-    assert load_params(path, ["grid=paper", "data.dataset=svhn", "train.lr=0.5"])["train"]["lr"] == 0.5
+    assert paper_svhn.train.epochs == 100 and paper_svhn.train.lr == 0.02
+    assert load_params(path, ["grid=paper", "data.dataset=cifar10"]).train.lr == 0.1
+    assert load_params(path, ["grid=paper", "data.dataset=svhn", "train.lr=0.5"]).train.lr == 0.5
     with pytest.raises(MrpfError, match="unknown grid 'nope'"):
         load_params(path, ["grid=nope"])
 
@@ -112,3 +135,13 @@ def test_snakemake_and_dvc_plan_the_same_commands_and_outputs(tmp_path):
     smk, dvc = snakemake_plan(folder), dvc_plan(folder)
     assert len(smk) == 9
     assert smk == dvc
+
+
+def test_snakemake_jobs_read_the_params_file_snakemake_was_given(tmp_path):
+    """`snakemake --configfile other.yaml` plans with other.yaml and passes it to every job."""
+    folder = make_project(tmp_path / "proj", git=False)
+    shutil.copy(folder / "params.yaml", folder / "other.yaml")
+    text = run(["snakemake", "-n", "-p", "-F", "--cores", "1", "--configfile", "other.yaml"], folder).stdout
+    commands = re.findall(r"(mrpf \w+ --params \S+)", text)
+    assert len(commands) >= 9
+    assert all("--params other.yaml" in c for c in commands), commands

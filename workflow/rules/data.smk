@@ -1,7 +1,6 @@
 rule data:
     output:
-        "data/{dataset}/train.npz",
-        "data/{dataset}/test.npz",
+        outputs("data"),
     params:
         cmd=cmd("data"),
     log:

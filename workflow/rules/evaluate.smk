@@ -1,11 +1,8 @@
 rule evaluate:
     input:
-        "data/{dataset}/train.npz",
-        "data/{dataset}/test.npz",
-        "results/{dataset}/{arch}/{tm}/{model}/checkpoint.pt",
+        inputs("evaluate"),
     output:
-        "results/{dataset}/{arch}/{tm}/{model}/eval_per_image.npz",
-        "results/{dataset}/{arch}/{tm}/{model}/eval.json",
+        outputs("evaluate"),
     params:
         cmd=cmd("evaluate"),
     log:

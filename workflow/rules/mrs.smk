@@ -1,11 +1,8 @@
 rule mrs:
     input:
-        "data/{dataset}/train.npz",
-        "data/{dataset}/test.npz",
-        "results/{dataset}/{arch}/{tm}/dense/checkpoint.pt",
+        inputs("mrs"),
     output:
-        "results/{dataset}/{arch}/{tm}/mrs/mrs.json",
-        "results/{dataset}/{arch}/{tm}/mrs/mrs.png",
+        outputs("mrs"),
     params:
         cmd=cmd("mrs"),
     log:

@@ -1,11 +1,8 @@
 rule prune:
     input:
-        "data/{dataset}/train.npz",
-        "data/{dataset}/test.npz",
-        "results/{dataset}/{arch}/{tm}/dense/checkpoint.pt",
+        inputs("prune"),
     output:
-        "results/{dataset}/{arch}/{tm}/{pm}-{sparsity}/checkpoint.pt",
-        "results/{dataset}/{arch}/{tm}/{pm}-{sparsity}/prune.json",
+        outputs("prune"),
     params:
         cmd=cmd("prune"),
     log:

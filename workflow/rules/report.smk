@@ -2,9 +2,7 @@ rule report:
     input:
         [path for job in plan.jobs(config) if job.stage == "report" for path in job.deps],
     output:
-        "reports/summary.md",
-        "reports/robustness.csv",
-        "reports/robustness.png",
+        [path for job in plan.jobs(config) if job.stage == "report" for path in job.outputs],
     params:
         cmd=cmd("report"),
     log:

@@ -1,11 +1,8 @@
 rule train:
     input:
-        "data/{dataset}/train.npz",
-        "data/{dataset}/test.npz",
+        inputs("train"),
     output:
-        "results/{dataset}/{arch}/{tm}/dense/checkpoint.pt",
-        "results/{dataset}/{arch}/{tm}/dense/train_metrics.json",
-        "results/{dataset}/{arch}/{tm}/dense/history.csv",
+        outputs("train"),
     params:
         cmd=cmd("train"),
     log:
