@@ -19,15 +19,18 @@ OVERRIDES_HELP = ("dotted parameter overrides, e.g. train.epochs=3 data.train_pa
                   "(values are read as YAML; see params.yaml / mrpf/config.py for every key)")
 
 
-def _fraction(text: str) -> float:
-    """A sparsity on the command line: a number or a fraction in (0, 1)."""
-    try:
-        value = as_float(text, "--sparsities")
-    except MrpfError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"--sparsities: must lie in (0, 1), got {text}")
-    return value
+def _sparsities(text: str) -> list[float]:
+    """Comma-separated sparsities on the command line, each in (0, 1): ``0.5,0.7,0.9``."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = as_float(part, "--sparsities")
+        except MrpfError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if not 0 < value < 1:
+            raise argparse.ArgumentTypeError(f"--sparsities: each must lie in (0, 1), got {part}")
+        values.append(value)
+    return values
 
 
 def _common(p: argparse.ArgumentParser, run: bool = True) -> None:
@@ -80,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "mrs.png (bar chart of MRS and ratio per group).")
     _common(p)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="the (adversarially trained) model to measure")
-    p.add_argument("--sparsities", nargs="+", type=_fraction, metavar="S",
-                   help="sparsities at which to show MRPF's ratios in mrs.json and mrs.png (default: prune.sparsity)")
+    p.add_argument("--sparsities", type=_sparsities, metavar="S,S,...",
+                   help="sparsities at which to show MRPF's ratios in mrs.json and mrs.png, comma-separated "
+                        "(default: prune.sparsity)")
 
     p = verbs.add_parser("prune", help="iterative prune + adversarial fine-tune (MRPF or a baseline)",
                          description="Prune a checkpoint to a global budget in prune.steps steps, fine-tuning "

@@ -120,7 +120,7 @@ class Job:
 def command(stage: str, params_file: str, grid_name: str, grid: dict, cell: dict) -> str:
     """The stage's ``mrpf`` command for one cell of grid ``grid_name``."""
     fields = dict(cell, params_file=params_file, grid=grid_name,
-                  sparsities=" ".join(sparsity_label(s) for s in grid["sparsities"]))
+                  sparsities=",".join(sparsity_label(s) for s in grid["sparsities"]))
     text = COMMANDS[stage].format(**fields)
     if stage == "prune" and cell["pm"] == MRS_REUSE:
         text += f" --mrs {run_dir(cell['dataset'], cell['arch'], cell['tm'], 'mrs')}/mrs.json"
