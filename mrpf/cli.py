@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import PRUNE_METHODS, as_float
+from .config import PRUNE_METHODS, Params, as_float
 from .errors import MrpfError
 
 OVERRIDES_HELP = ("dotted parameter overrides, e.g. train.epochs=3 data.train_path=train.npz "
@@ -126,7 +126,7 @@ def _workflow_config(args: argparse.Namespace) -> dict:
     return workflow.load_config(args.params, args.overrides)
 
 
-def _params(args: argparse.Namespace) -> dict:
+def _params(args: argparse.Namespace) -> Params:
     from .config import load_params
 
     path = args.params
