@@ -138,7 +138,7 @@ class Params:
 
     def to_dict(self) -> dict:
         """Plain data (lists, numbers, strings): for checkpoints, resume keys and JSON."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def replace(self, section: str, **changes: Any) -> "Params":
         """A copy with ``changes`` to one section (values already typed)."""
@@ -152,11 +152,12 @@ POSITIVE = {"train.batch_size", "evaluate.batch_size", "evaluate.latency_batch",
             "prune.round_to", "device.threads"}   # integers that must be >= 1 (the others: >= 0)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """Nested dicts, lists and tuples as dicts and lists (as JSON would give them back)."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 

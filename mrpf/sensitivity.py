@@ -14,7 +14,6 @@ delta (cheaper, and blind to how pruning moves the decision boundary).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from . import allocation, devices
 from . import data as data_mod
 from . import groups as groups_mod
-from .config import Params
+from .config import Params, plain
 from .devices import Runtime
 from .errors import MrpfError
 from .groups import Group, channel_magnitude, masked
@@ -127,14 +126,10 @@ def check_reusable(result: dict, path, model, arch: dict, calibration: data_mod.
                 "groups": [(g.root, g.channels) for g in found]}
     found_there = {k: result.get(k) for k in expected if k != "groups"}
     found_there["groups"] = [(r["root"], r["channels"]) for r in result.get("groups", [])]
-    differ = [k for k in expected if _plain(expected[k]) != _plain(found_there[k])]
+    differ = [k for k in expected if plain(expected[k]) != plain(found_there[k])]
     if differ:
         raise MrpfError(f"{path}: measured with other {', '.join(differ)} than this prune run; "
                         f"rerun `mrpf mrs` with the same parameters or leave out --mrs")
-
-
-def _plain(value):
-    return json.loads(json.dumps(value))
 
 
 def run_mrs(params: Params, checkpoint: str | Path, run_dir: str | Path, log=print,
