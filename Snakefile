@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 from mrpf import workflow as plan
-from mrpf.config import PRUNE_METHODS
 
 configfile: "params.yaml"
 
@@ -19,6 +18,7 @@ GPUS = GRID_SPEC.get("gpus_per_job", 1)
 RUNTIME = GRID_SPEC.get("runtime_min", {})
 MEM_MB = GRID_SPEC.get("mem_mb", 4000)
 THREADS = GRID_SPEC.get("threads", {})                # CPU threads per job (capped at --cores locally)
+ROOT = plan.root(GRID_SPEC)                           # the grid's `out` folder ('' = here): logs go there too
 
 
 def cmd(stage):
@@ -28,21 +28,20 @@ def cmd(stage):
 
 def inputs(stage):
     """The stage's inputs for a job's wildcards, from the plan that also writes dvc.yaml."""
-    return lambda wildcards: plan.job(stage, dict(wildcards.items())).deps
+    return lambda wildcards: plan.job(stage, dict(wildcards.items()), GRID_SPEC).deps
 
 
 def outputs(stage):
     """The stage's outputs with {wildcards}, from the same plan."""
-    return plan.pattern(stage).outputs
+    return plan.pattern(stage, GRID_SPEC).outputs
 
 
 wildcard_constraints:
     dataset="[a-z0-9]+",
     arch="[A-Za-z0-9_.:]+",
     tm="[a-z_]+",
-    pm="|".join(PRUNE_METHODS),
-    sparsity=r"0\.[0-9]+",
-    model=r"dense|[a-z_0-9]+-0\.[0-9]+",
+    run=plan.RUN_NAME,
+    model="dense|" + plan.RUN_NAME,
 
 
 rule all:

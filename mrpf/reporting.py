@@ -70,13 +70,12 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
     _, grid = workflow.active_grid(config)
     rows = []
     for cell in workflow.cells(config):
-        models = [("dense", None)] + [(pm, workflow.sparsity_label(s)) for s in grid["sparsities"]
-                                      for pm in grid["prune_methods"]]
+        models = [("dense", None)] + [(run.pm, run.sparsity) for run in workflow.pruned_runs(grid)]
         outcomes = {}
         dense_macs = None
         for method, sparsity in models:
-            folder = results / Path(workflow.run_dir(**cell, model=method if sparsity is None else
-                                                     f"{method}-{sparsity}")).relative_to("results")
+            folder = results / cell["dataset"] / cell["arch"] / cell["tm"] / (method if sparsity is None else
+                                                                              f"{method}-{sparsity}")
             row = dict(cell, method=method, sparsity=0.0 if sparsity is None else float(sparsity))
             if not (folder / "eval.json").is_file():
                 log(f"report: no {folder / 'eval.json'} yet; row left empty")

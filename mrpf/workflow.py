@@ -10,6 +10,12 @@ params.yaml holds the hyperparameters (mrpf/config.py) plus two pipeline keys::
         train_methods: [pgd_at]
         prune_methods: [mrpf, uniform_l1]
         sparsities: [0.5]
+        seeds: [0, 1, 2]        # optional: fine-tuning seeds, one pruned run each (METHOD-S-sSEED/)
+        extra_runs:             # optional: more pruned runs, each block its own product
+          - {prune_methods: [random], sparsities: [0.9], seeds: [0]}
+          - {prune_methods: [mrpf], sparsities: [0.9], seeds: [0], tag: ft20,     # METHOD-S-sSEED-TAG/
+             params: {prune: {final_epochs: 17}}}     # command-line overrides of these runs
+        out: experiments/NAME   # optional: the grid's data/ results/ reports/ logs/ live here
         gpus_per_job: 1         # resources: gpu=N of the GPU stages (0 on CPU-only clusters)
         params: {...}           # hyperparameters of this grid (over the top-level sections)
         dataset_params: {svhn: {...}}   # per dataset, over those
@@ -18,13 +24,16 @@ params.yaml holds the hyperparameters (mrpf/config.py) plus two pipeline keys::
 report) with their command, inputs, outputs, metrics and params. The Snakefile's rules
 build their shell commands with ``command()``, and ``dvc_yaml()`` writes dvc.yaml from
 the same plan, so the two engines run the same commands on the same files (a test
-compares what each plans). Output layout::
+compares what each plans). Output layout (under the grid's ``out`` folder, if it has one)::
 
     data/DATASET/{train,test}.npz
     results/DATASET/ARCH/TRAIN_METHOD/dense/       checkpoint.pt train_metrics.json history.csv eval.json
     results/DATASET/ARCH/TRAIN_METHOD/mrs/         mrs.json mrs.png
-    results/DATASET/ARCH/TRAIN_METHOD/METHOD-S/    checkpoint.pt prune.json eval.json
+    results/DATASET/ARCH/TRAIN_METHOD/RUN/         checkpoint.pt prune.json eval.json
     reports/                                       summary.md robustness.csv robustness.png
+
+where RUN is METHOD-S, METHOD-S-sSEED with seeds and METHOD-S-sSEED-TAG for a tagged
+block of ``extra_runs`` (``PrunedRun.name``).
 """
 
 from __future__ import annotations
@@ -44,25 +53,22 @@ SCHEMA = "workflow/schemas/params.schema.yaml"
 
 # The command of each stage; {placeholders} are the cell's fields (Snakemake fills them from
 # wildcards, dvc.yaml from its foreach item). Every stage reads the params file and the grid.
+_DATA = ("data.dataset={dataset} data.train_path={root}data/{dataset}/train.npz "
+         "data.test_path={root}data/{dataset}/test.npz")
 COMMANDS = {
-    "data": "mrpf data --params {params_file} grid={grid} --out data/{dataset} data.dataset={dataset}",
-    "train": "mrpf train --params {params_file} grid={grid} --runs-dir results --run {dataset}/{arch}/{tm}/dense "
-             "data.dataset={dataset} data.train_path=data/{dataset}/train.npz data.test_path=data/{dataset}/test.npz "
-             "model.arch={arch} train.method={tm}",
-    "evaluate": "mrpf evaluate --params {params_file} grid={grid} --runs-dir results "
-                "--run {dataset}/{arch}/{tm}/{model} "
-                "data.dataset={dataset} data.train_path=data/{dataset}/train.npz "
-                "data.test_path=data/{dataset}/test.npz",
-    "mrs": "mrpf mrs --params {params_file} grid={grid} --runs-dir results --run {dataset}/{arch}/{tm}/mrs "
-           "--checkpoint results/{dataset}/{arch}/{tm}/dense/checkpoint.pt --sparsities {sparsities} "
-           "data.dataset={dataset} data.train_path=data/{dataset}/train.npz data.test_path=data/{dataset}/test.npz "
-           "train.method={tm}",
-    "prune": "mrpf prune --params {params_file} grid={grid} --runs-dir results "
-             "--run {dataset}/{arch}/{tm}/{pm}-{sparsity} "
-             "--checkpoint results/{dataset}/{arch}/{tm}/dense/checkpoint.pt --method {pm} --sparsity {sparsity} "
-             "data.dataset={dataset} data.train_path=data/{dataset}/train.npz data.test_path=data/{dataset}/test.npz "
-             "train.method={tm} prune.finetune_method={tm}",
-    "report": "mrpf report --params {params_file} grid={grid} --results results --out reports",
+    "data": "mrpf data --params {params_file} grid={grid} --out {root}data/{dataset} data.dataset={dataset}",
+    "train": "mrpf train --params {params_file} grid={grid} --runs-dir {root}results "
+             "--run {dataset}/{arch}/{tm}/dense " + _DATA + " model.arch={arch} train.method={tm}",
+    "evaluate": "mrpf evaluate --params {params_file} grid={grid} --runs-dir {root}results "
+                "--run {dataset}/{arch}/{tm}/{model} " + _DATA,
+    "mrs": "mrpf mrs --params {params_file} grid={grid} --runs-dir {root}results --run {dataset}/{arch}/{tm}/mrs "
+           "--checkpoint {root}results/{dataset}/{arch}/{tm}/dense/checkpoint.pt --sparsities {sparsities} "
+           + _DATA + " train.method={tm}",
+    "prune": "mrpf prune --params {params_file} grid={grid} --runs-dir {root}results "
+             "--run {dataset}/{arch}/{tm}/{run} "
+             "--checkpoint {root}results/{dataset}/{arch}/{tm}/dense/checkpoint.pt --method {pm} --sparsity {sparsity} "
+             + _DATA + " train.method={tm} prune.finetune_method={ft}",
+    "report": "mrpf report --params {params_file} grid={grid} --results {root}results --out {root}reports",
 }
 
 # params.yaml keys each stage reads (DVC ``params:``), besides the grid's own; what the
@@ -92,11 +98,14 @@ def stage_params(stage: str, method: str | None = None) -> list[str]:
     return ["seed", "attack", "train", "data.augment"] + _SPLITS + _FINETUNE + PRUNE_PARAMS[method]
 
 
-# The fields of each stage's cell (Snakemake wildcards, dvc.yaml foreach items).
+# The fields of each stage's cell (Snakemake wildcards, dvc.yaml foreach keys). A pruned
+# run's method, sparsity and overrides follow from its name (``pruned_runs``).
 CELL_FIELDS = {"data": ("dataset",), "train": ("dataset", "arch", "tm"), "mrs": ("dataset", "arch", "tm"),
-               "prune": ("dataset", "arch", "tm", "pm", "sparsity"), "evaluate": ("dataset", "arch", "tm", "model"),
+               "prune": ("dataset", "arch", "tm", "run"), "evaluate": ("dataset", "arch", "tm", "model"),
                "report": ()}
 MRS_REUSE = "mrpf"   # the pruning method whose first step reads the mrs stage's mrs.json (same MRS settings)
+RUN_NAME = r"[a-z_0-9]+-0\.[0-9]+(?:-s[0-9]+)?(?:-[a-z0-9]+)?"   # PrunedRun.name (Snakemake's wildcards)
+_MRS_KEYS = ("mrs.", "attack.", "data.calibration_size", "data.val_size")   # overrides that change the MRS
 
 
 @dataclasses.dataclass
@@ -117,23 +126,103 @@ class Job:
         return self.outs + self.metrics + self.plots + self.kept
 
 
+@dataclasses.dataclass(frozen=True)
+class PrunedRun:
+    """One pruned model of a grid: method, sparsity, fine-tuning seed and a block's overrides."""
+
+    pm: str
+    sparsity: str                       # as in paths (sparsity_label)
+    seed: int | None = None             # None: the grid lists no seeds (the params' seed)
+    tag: str | None = None              # names an extra_runs block with its own overrides
+    overrides: tuple[str, ...] = ()     # KEY=VALUE of the block's params, after the grid's
+
+    @property
+    def name(self) -> str:
+        return "-".join([self.pm, self.sparsity] + ([f"s{self.seed}"] if self.seed is not None else [])
+                        + ([self.tag] if self.tag else []))
+
+    @property
+    def reuses_mrs(self) -> bool:
+        """Whether step 1 reads the mrs stage's mrs.json: MRPF with the grid's MRS settings."""
+        return self.pm == MRS_REUSE and not any(o.startswith(_MRS_KEYS) for o in self.overrides)
+
+    def extra(self, stage: str) -> str:
+        """Command-line overrides of this run: the seed fine-tunes (prune only; evaluation
+        keeps the params' seed, so every run meets the same attack starts), then the block's."""
+        seed = [f"seed={self.seed}"] if stage == "prune" and self.seed is not None else []
+        return " ".join(seed + list(self.overrides))
+
+
+def _override_text(prefix: str, value: Any) -> list[str]:
+    """``params`` of an extra_runs block as command-line overrides (``prune.final_epochs=17``)."""
+    if isinstance(value, dict):
+        return [t for key, sub in value.items() for t in _override_text(f"{prefix}{key}.", sub)]
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, list):
+        text = "[" + ",".join(str(v) for v in value) + "]"
+    else:
+        text = "null" if value is None else str(value)
+    return [f"{prefix[:-1]}={text}"]
+
+
+def pruned_runs(grid: dict) -> list[PrunedRun]:
+    """The grid's pruned runs: prune_methods x sparsities x seeds, then each ``extra_runs``
+    block's own product (its seeds default to the grid's); names must not repeat."""
+    runs: dict[str, PrunedRun] = {}
+    for block in [grid] + list(grid.get("extra_runs") or []):
+        seeds = block.get("seeds", grid.get("seeds")) or [None]
+        overrides = tuple(_override_text("", block.get("params") or {})) if block is not grid else ()
+        for pm, sparsity, seed in itertools.product(block["prune_methods"], block["sparsities"], seeds):
+            run = PrunedRun(pm, sparsity_label(sparsity), seed, block.get("tag") if block is not grid else None,
+                            overrides)
+            if run.name in runs:
+                raise MrpfError(f"grid: pruned run {run.name} is listed twice (give the extra_runs block a tag)")
+            runs[run.name] = run
+    return list(runs.values())
+
+
+def grid_sparsities(grid: dict) -> list[str]:
+    """Every sparsity a grid prunes to, ascending (the mrs stage charts each)."""
+    return sorted({run.sparsity for run in pruned_runs(grid)}, key=float)
+
+
+def root(grid: dict) -> str:
+    """The folder holding a grid's data/, results/, reports/, logs/ ('' = the repository root)."""
+    out = str(grid.get("out") or "").strip("/")
+    return "" if out in ("", ".") else out + "/"
+
+
 def command(stage: str, params_file: str, grid_name: str, grid: dict, cell: dict) -> str:
-    """The stage's ``mrpf`` command for one cell of grid ``grid_name``."""
-    fields = dict(cell, params_file=params_file, grid=grid_name,
-                  sparsities=",".join(sparsity_label(s) for s in grid["sparsities"]))
+    """The stage's ``mrpf`` command for one cell of grid ``grid_name``. A pruned run's
+    method, sparsity and overrides come from the cell where it has them (dvc.yaml's
+    templates), else from the grid by the run's name (Snakemake's wildcards)."""
+    fields = dict(cell, params_file=params_file, grid=grid_name, root=root(grid),
+                  sparsities=",".join(grid_sparsities(grid)),
+                  ft=((grid.get("params") or {}).get("prune") or {}).get("finetune_method") or cell.get("tm"))
+    run = None
+    if stage in ("prune", "evaluate"):
+        name = cell["run"] if stage == "prune" else cell["model"]
+        run = {r.name: r for r in pruned_runs(grid)}.get(name)
+        fields.setdefault("pm", run.pm if run else None)
+        fields.setdefault("sparsity", run.sparsity if run else None)
+        fields.setdefault("extra", run.extra(stage) if run else "")
     text = COMMANDS[stage].format(**fields)
-    if stage == "prune" and cell["pm"] == MRS_REUSE:
-        text += f" --mrs {run_dir(cell['dataset'], cell['arch'], cell['tm'], 'mrs')}/mrs.json"
+    reuse = run.reuses_mrs if run is not None else cell.get("reuse_mrs", True)
+    if stage == "prune" and fields["pm"] == MRS_REUSE and reuse:
+        text += f" --mrs {run_dir(grid, cell['dataset'], cell['arch'], cell['tm'], 'mrs')}/mrs.json"
+    if fields.get("extra"):
+        text += " " + fields["extra"]
     return text
 
 
-def pattern(stage: str) -> Job:
+def pattern(stage: str, grid: dict) -> Job:
     """The job of ``stage`` with ``{field}`` wildcards in its paths (Snakemake's rules)."""
-    return job(stage, {k: "{" + k + "}" for k in CELL_FIELDS[stage]})
+    return job(stage, {k: "{" + k + "}" for k in CELL_FIELDS[stage]}, grid)
 
 
-def run_dir(dataset: str, arch: str, tm: str, model: str) -> str:
-    return f"results/{dataset}/{arch}/{tm}/{model}"
+def run_dir(grid: dict, dataset: str, arch: str, tm: str, model: str) -> str:
+    return f"{root(grid)}results/{dataset}/{arch}/{tm}/{model}"
 
 
 def sparsity_label(value: Any) -> str:
@@ -154,6 +243,11 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA, source: str 
     name = config.get("grid")
     if name not in (config.get("grids") or {}):
         raise MrpfError(f"{source}: grid: unknown grid {name!r} (defined: {', '.join(config.get('grids') or {})})")
+    for grid_name, grid in config["grids"].items():
+        try:
+            pruned_runs(grid)
+        except MrpfError as e:
+            raise MrpfError(f"{source}: grids.{grid_name}.{e}") from None
 
 
 def active_grid(config: dict) -> tuple[str, dict]:
@@ -207,26 +301,29 @@ def cells(config: dict) -> list[dict]:
             for d, a, t in itertools.product(grid["datasets"], grid["archs"], grid["train_methods"])]
 
 
-def job(stage: str, cell: dict) -> Job:
+def job(stage: str, cell: dict, grid: dict) -> Job:
     """The job of ``stage`` for one ``cell`` (a cell's fields may be ${item.*} placeholders)."""
-    data = [f"data/{cell['dataset']}/train.npz", f"data/{cell['dataset']}/test.npz"]
+    top = root(grid)
+    data = [f"{top}data/{cell['dataset']}/train.npz", f"{top}data/{cell['dataset']}/test.npz"]
     if stage == "data":
         return Job("data", cell, [], list(data))
     base = {k: cell[k] for k in ("dataset", "arch", "tm")}
-    dense = run_dir(**base, model="dense")
+    dense = run_dir(grid, **base, model="dense")
     if stage == "train":
         return Job("train", cell, list(data), [f"{dense}/checkpoint.pt"], metrics=[f"{dense}/train_metrics.json"],
                    plots=[f"{dense}/history.csv"])
     if stage == "mrs":
-        mrs = run_dir(**base, model="mrs")
+        mrs = run_dir(grid, **base, model="mrs")
         return Job("mrs", cell, data + [f"{dense}/checkpoint.pt"], [], kept=[f"{mrs}/mrs.json", f"{mrs}/mrs.png"])
     if stage == "prune":
-        folder = run_dir(**base, model=f"{cell['pm']}-{cell['sparsity']}")
-        mrs = [f"{run_dir(**base, model='mrs')}/mrs.json"] if cell["pm"] == MRS_REUSE else []
+        folder = run_dir(grid, **base, model=cell["run"])
+        run = {r.name: r for r in pruned_runs(grid)}.get(cell["run"])
+        reuse = run.reuses_mrs if run is not None else cell.get("pm") == MRS_REUSE and cell.get("reuse_mrs", True)
+        mrs = [f"{run_dir(grid, **base, model='mrs')}/mrs.json"] if reuse else []
         return Job("prune", cell, data + [f"{dense}/checkpoint.pt"] + mrs, [f"{folder}/checkpoint.pt"],
                    kept=[f"{folder}/prune.json"])
     if stage == "evaluate":
-        folder = run_dir(**base, model=cell["model"])
+        folder = run_dir(grid, **base, model=cell["model"])
         return Job("evaluate", cell, data + [f"{folder}/checkpoint.pt"], [f"{folder}/eval_per_image.npz"],
                    metrics=[f"{folder}/eval.json"])
     raise ValueError(stage)
@@ -235,19 +332,20 @@ def job(stage: str, cell: dict) -> Job:
 def jobs(config: dict) -> list[Job]:
     """The active grid's jobs, in dependency order, the report last."""
     _, grid = active_grid(config)
-    plan = [job("data", {"dataset": d}) for d in grid["datasets"]]
-    pruned = [(pm, sparsity_label(s)) for pm in grid["prune_methods"] for s in grid["sparsities"]]
+    top = root(grid)
+    plan = [job("data", {"dataset": d}, grid) for d in grid["datasets"]]
+    runs = pruned_runs(grid)
     report_deps: list[str] = []
     for c in cells(config):
-        plan.append(job("train", c))
-        plan.append(job("mrs", c))
-        plan += [job("prune", dict(c, pm=pm, sparsity=s)) for pm, s in pruned]
-        for model in ["dense"] + [f"{pm}-{s}" for pm, s in pruned]:
-            evaluation = job("evaluate", dict(c, model=model))
+        plan.append(job("train", c, grid))
+        plan.append(job("mrs", c, grid))
+        plan += [job("prune", dict(c, run=run.name), grid) for run in runs]
+        for model in ["dense"] + [run.name for run in runs]:
+            evaluation = job("evaluate", dict(c, model=model), grid)
             plan.append(evaluation)
             report_deps += evaluation.outputs
-    plan.append(Job("report", {}, report_deps, [], plots=["reports/robustness.csv", "reports/robustness.png"],
-                    kept=["reports/summary.md"]))
+    plan.append(Job("report", {}, report_deps, [], plots=[f"{top}reports/robustness.csv", f"{top}reports/robustness.png"],
+                    kept=[f"{top}reports/summary.md"]))
     return plan
 
 
@@ -258,6 +356,8 @@ def targets(config: dict) -> list[str]:
 
 def _dvc_stage(job: Job, params_file: str, grid_name: str, grid: dict) -> dict:
     stage: dict = {"cmd": job.command(params_file, grid_name, grid)}
+    if root(grid):
+        stage["wdir"] = "/".join([".."] * len(root(grid).strip("/").split("/")))
     if job.deps:
         stage["deps"] = job.deps
     sections = stage_params(job.stage, job.cell.get("pm"))
@@ -275,23 +375,48 @@ def _dvc_stage(job: Job, params_file: str, grid_name: str, grid: dict) -> dict:
     return stage
 
 
+def dvc_yaml_path(grid: dict) -> str:
+    """Where a grid's dvc.yaml lives: the repository root, or its ``out`` folder (whose
+    stages run from the root, ``wdir``), so ``dvc repro`` at the root runs the active grid only."""
+    return f"{root(grid)}dvc.yaml"
+
+
 def dvc_yaml(config: dict, params_file: str = "params.yaml") -> dict:
     """dvc.yaml for the active grid: one ``foreach`` stage per stage kind (and per pruning
-    method, so that each depends only on the params it reads), items keyed by the cell."""
+    method, so that each depends only on the params it reads), items keyed by the cell.
+    A pruned run's method, sparsity and overrides are fields of its item."""
     grid_name, grid = active_grid(config)
+    runs = {run.name: run for run in pruned_runs(grid)}
     stages: dict = {}
     for planned in jobs(config):
         if planned.stage == "report":
             stages["report"] = _dvc_stage(planned, params_file, grid_name, grid)
             continue
-        name = planned.stage if planned.stage != "prune" else f"prune_{planned.cell['pm']}"
-        entry = stages.setdefault(name, {"foreach": {}, "do": None})
-        entry["foreach"]["-".join(str(v) for v in planned.cell.values())] = dict(planned.cell)
-        if entry["do"] is None:
-            item = {k: "${item.%s}" % k for k in planned.cell}
-            if planned.stage == "prune":
-                item["pm"] = planned.cell["pm"]
-            entry["do"] = _dvc_stage(job(planned.stage, item), params_file, grid_name, grid)
-    plots = [{"reports/robustness.csv": {"x": "sparsity", "y": "pgd_acc", "template": "scatter",
-                                         "title": "PGD accuracy vs sparsity (all methods)"}}]
+        item = dict(planned.cell)
+        run = runs.get(item.get("run") if planned.stage == "prune" else item.get("model"))
+        name = planned.stage
+        if planned.stage == "prune":   # one stage per method (and MRS reuse): the params each reads
+            name = f"prune_{run.pm}" + ("_remeasured" if run.pm == MRS_REUSE and not run.reuses_mrs else "")
+            item.update(pm=run.pm, sparsity=run.sparsity)
+        if run is not None and run.extra(planned.stage):
+            item["extra"] = run.extra(planned.stage)
+        entry = stages.setdefault(name, {"foreach": {}, "do": None, "fields": set()})
+        entry["foreach"]["-".join(str(planned.cell[k]) for k in CELL_FIELDS[planned.stage])] = item
+        entry["fields"] |= set(item)
+    for name, entry in stages.items():
+        if name == "report":
+            continue
+        fields = entry.pop("fields")
+        for item in entry["foreach"].values():
+            if "extra" in fields:
+                item.setdefault("extra", "")
+        stage = name if not name.startswith("prune_") else "prune"
+        template = {k: "${item.%s}" % k for k in fields}
+        if stage == "prune":
+            template.update(pm=name.removeprefix("prune_").removesuffix("_remeasured"),
+                            reuse_mrs=not name.endswith("_remeasured"))
+        entry["do"] = _dvc_stage(job(stage, template, grid), params_file, grid_name, grid)
+    plots = [{"reports/robustness.csv": {   # top-level plots are relative to dvc.yaml, not wdir
+ "x": "sparsity", "y": "pgd_acc", "template": "scatter",
+                                                      "title": "PGD accuracy vs sparsity (all methods)"}}]
     return {"stages": stages, "plots": plots}

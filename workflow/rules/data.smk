@@ -4,9 +4,9 @@ rule data:
     params:
         cmd=cmd("data"),
     log:
-        "logs/data/{dataset}.log",
+        f"{ROOT}logs/data/{{dataset}}.log",
     benchmark:
-        "benchmarks/data/{dataset}.tsv"
+        f"{ROOT}benchmarks/data/{{dataset}}.tsv"
     threads: 1
     resources:
         runtime=RUNTIME.get("data", 60),

@@ -6,9 +6,9 @@ rule evaluate:
     params:
         cmd=cmd("evaluate"),
     log:
-        "logs/evaluate/{dataset}/{arch}/{tm}/{model}.log",
+        f"{ROOT}logs/evaluate/{{dataset}}/{{arch}}/{{tm}}/{{model}}.log",
     benchmark:
-        "benchmarks/evaluate/{dataset}/{arch}/{tm}/{model}.tsv"
+        f"{ROOT}benchmarks/evaluate/{{dataset}}/{{arch}}/{{tm}}/{{model}}.tsv"
     threads: THREADS.get("evaluate", 2)
     resources:
         gpu=GPUS,

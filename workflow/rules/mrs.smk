@@ -6,9 +6,9 @@ rule mrs:
     params:
         cmd=cmd("mrs"),
     log:
-        "logs/mrs/{dataset}/{arch}/{tm}.log",
+        f"{ROOT}logs/mrs/{{dataset}}/{{arch}}/{{tm}}.log",
     benchmark:
-        "benchmarks/mrs/{dataset}/{arch}/{tm}.tsv"
+        f"{ROOT}benchmarks/mrs/{{dataset}}/{{arch}}/{{tm}}.tsv"
     threads: THREADS.get("mrs", 2)
     resources:
         gpu=GPUS,

@@ -6,9 +6,9 @@ rule prune:
     params:
         cmd=cmd("prune"),
     log:
-        "logs/prune/{dataset}/{arch}/{tm}/{pm}-{sparsity}.log",
+        f"{ROOT}logs/prune/{{dataset}}/{{arch}}/{{tm}}/{{run}}.log",
     benchmark:
-        "benchmarks/prune/{dataset}/{arch}/{tm}/{pm}-{sparsity}.tsv"
+        f"{ROOT}benchmarks/prune/{{dataset}}/{{arch}}/{{tm}}/{{run}}.tsv"
     threads: THREADS.get("prune", 2)
     resources:
         gpu=GPUS,

@@ -6,9 +6,9 @@ rule report:
     params:
         cmd=cmd("report"),
     log:
-        "logs/report.log",
+        f"{ROOT}logs/report.log",
     benchmark:
-        "benchmarks/report.tsv"
+        f"{ROOT}benchmarks/report.tsv"
     threads: 1
     resources:
         runtime=RUNTIME.get("report", 30),

@@ -6,9 +6,9 @@ rule train:
     params:
         cmd=cmd("train"),
     log:
-        "logs/train/{dataset}/{arch}/{tm}.log",
+        f"{ROOT}logs/train/{{dataset}}/{{arch}}/{{tm}}.log",
     benchmark:
-        "benchmarks/train/{dataset}/{arch}/{tm}.tsv"
+        f"{ROOT}benchmarks/train/{{dataset}}/{{arch}}/{{tm}}.tsv"
     threads: THREADS.get("train", 2)
     resources:
         gpu=GPUS,
