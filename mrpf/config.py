@@ -23,6 +23,7 @@ from .errors import MrpfError
 
 # Each list of names, defined once (the schema and the CLI help are tested against these).
 NORMS = ("linf", "l2")
+OFFLINE_SETS = ("full", "subset")
 SCHEDULES = ("onecycle", "cosine", "multistep", "constant")
 EVALUATION_ATTACKS = ("clean", "fgsm", "pgd", "cw", "autoattack")
 MRS_ATTACKS = ("adaptive", "fixed")
@@ -37,10 +38,11 @@ BUDGET_METRICS = ("macs", "params")
 class DataParams:
     dataset: str = "cifar10"            # cifar10 | cifar100 | svhn | tinyimagenet
     root: str = "data"                  # where torchvision datasets / tiny-imagenet-200 live (downloaded there)
-    train_path: str | None = None       # offline source: .npz file or ImageFolder directory (overrides the download)
-    test_path: str | None = None        # offline source for the test split
+    train_path: str | tuple[str, ...] | None = None   # offline source: .npz, ImageFolder dir, or WebDataset shards
+    test_path: str | tuple[str, ...] | None = None    # (a .tar[.gz] shard, a glob or a list) for the test split
     download: bool = True               # try to download a missing dataset
-    offline_dir: str | None = None      # `mrpf data`: look here first for DATASET-train.npz / DATASET-subset-train.npz
+    offline_dir: str | None = None      # look here for DATASET-train.npz, shards DATASET-train-*.tar.gz, a subset
+    offline_set: str = "full"           # full: the whole dataset's copy before DATASET-subset-*.npz; subset: reverse
     val_size: int = 500                 # fixed-seed validation split held out of training
     calibration_size: int = 512         # fixed-seed calibration subset of the training split (MRS)
     augment: bool = True                # the dataset's standard augmentation (crop [+ flip])
@@ -213,6 +215,7 @@ _CONVERT = {
     "float": as_float, "int": _as_int, "bool": _as_bool, "str": _as_str,
     "tuple[float, ...]": lambda v, k: tuple(as_float(x, k) for x in _as_list(v, k)),
     "tuple[str, ...]": lambda v, k: tuple(_as_str(x, k) for x in _as_list(v, k)),
+    "str | tuple[str, ...]": lambda v, k: v if isinstance(v, str) else tuple(_as_str(x, k) for x in _as_list(v, k)),
 }
 
 
@@ -262,6 +265,7 @@ def parse(raw: dict) -> Params:
                         f"(choose from {', '.join(DATASETS)}, or set data.train_path to an .npz / ImageFolder)")
     check_arch(raw["model"]["arch"])
     _choice("attack.norm", raw["attack"]["norm"], NORMS)
+    _choice("data.offline_set", raw["data"]["offline_set"], OFFLINE_SETS)
     _choice("train.method", raw["train"]["method"], tuple(OBJECTIVES))
     _choice("train.schedule", raw["train"]["schedule"], SCHEDULES)
     sections = {}

@@ -10,13 +10,21 @@ Sources, by ``data.*`` params:
 - torchvision CIFAR-10 / CIFAR-100 / SVHN under ``data.root`` (downloaded on first use);
 - Tiny-ImageNet in the standard ``tiny-imagenet-200/`` layout under ``data.root``;
 - offline: ``data.train_path`` / ``data.test_path`` naming an ``.npz`` file
-  (``x``: uint8 (N, H, W, 3), ``y``: int64 (N,), optional ``classes``) or an
-  ImageFolder directory (one sub-directory per class).
+  (``x``: uint8 (N, H, W, 3), ``y``: int64 (N,), optional ``classes``), an
+  ImageFolder directory (one sub-directory per class), or WebDataset shards (a
+  ``.tar`` / ``.tar.gz`` file, a glob or a list of them; ``read_shards``);
+- a copy under ``data.offline_dir`` (``offline_source``).
+
+``mrpf data`` decodes any of them once into ``DIR/{train,test}.npz``, which every later
+stage of the pipeline reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import io
+import tarfile
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -135,6 +143,78 @@ def read_image_folder(path: Path, size: int) -> ImageSet:
     return ImageSet(_read_images(files, size), torch.tensor(labels, dtype=torch.int64), classes)
 
 
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+SHARD_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "ppm", "webp")
+
+
+def is_shards(source: str | tuple[str, ...]) -> bool:
+    """Whether a ``data.*_path`` names WebDataset shards: a list, a glob or a tar file."""
+    return (not isinstance(source, str) or glob.has_magic(source)
+            or str(source).endswith(SHARD_SUFFIXES))
+
+
+def shard_paths(source: str | tuple[str, ...], key: str) -> list[Path]:
+    """The shard files of a path, glob or list of them, each glob in sorted order."""
+    paths: list[Path] = []
+    for pattern in [source] if isinstance(source, str) else source:
+        found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern] if Path(pattern).is_file() else []
+        if not found:
+            raise MrpfError(f"{key}: no shard file matches {pattern}")
+        paths += [Path(p) for p in found]
+    return paths
+
+
+def read_shards(paths: list[Path], spec: DatasetSpec) -> ImageSet:
+    """Read WebDataset shards (Aizman et al. 2019's layout: a tar, optionally gzip'd, whose
+    samples are members ``KEY.jpg`` + ``KEY.cls`` with the class index as text), in shard and
+    member order. Python's tarfile and Pillow are all it takes, so no webdataset dependency;
+    a sample without label or image, a label beyond the dataset's classes or a member that
+    is not an image is an error naming the shard and the member."""
+    from PIL import Image, UnidentifiedImageError
+
+    images, labels = [], []
+    for path in paths:
+        samples: dict[str, dict[str, tuple[str, bytes]]] = {}   # key -> extension -> (member, bytes)
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, _, base = member.name.rpartition("/")
+                    stem, dot, extension = base.partition(".")
+                    if dot:
+                        samples.setdefault(f"{folder}/{stem}" if folder else stem, {})[extension.lower()] = (
+                            member.name, tar.extractfile(member).read())
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise MrpfError(f"{path}: not a readable tar shard ({e})") from None
+        for key, parts in samples.items():
+            image = next((parts[e] for e in SHARD_IMAGE_EXTENSIONS if e in parts), None)
+            if image is None or "cls" not in parts:
+                missing = f"{key}.cls" if image is not None else f"an image ({key}.jpg)"
+                raise MrpfError(f"{path}: sample {key} has no {missing} (WebDataset samples need KEY.jpg and KEY.cls)")
+            name, text = parts["cls"]
+            try:
+                label = int(text.decode().strip())
+            except (UnicodeDecodeError, ValueError):
+                raise MrpfError(f"{path}: {name}: not a class index ({text[:20]!r})") from None
+            if not 0 <= label < spec.num_classes:
+                raise MrpfError(f"{path}: {name}: label {label} out of range [0, {spec.num_classes})")
+            try:
+                with Image.open(io.BytesIO(image[1])) as im:
+                    pixels = np.asarray(im.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as e:
+                raise MrpfError(f"{path}: {image[0]}: not a readable image ({e})") from None
+            if pixels.shape[:2] != (spec.input_size, spec.input_size):
+                raise MrpfError(f"{path}: {image[0]}: image is {pixels.shape[0]}x{pixels.shape[1]}, the dataset "
+                                f"expects {spec.input_size}x{spec.input_size}")
+            images.append(pixels)
+            labels.append(label)
+    if not images:
+        raise MrpfError(f"{', '.join(map(str, paths))}: the shards hold no samples")
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(x, torch.tensor(labels, dtype=torch.int64), [str(i) for i in range(spec.num_classes)])
+
+
 def read_tiny_imagenet(root: Path, split: str) -> ImageSet:
     """Read the standard ``tiny-imagenet-200/`` layout (train/<wnid>/images, val/images + annotations)."""
     wnids = (root / "wnids.txt").read_text().split()
@@ -208,7 +288,9 @@ def read_source(data: DataParams, split: str) -> ImageSet:
     size and labels are checked against the dataset (``check_fits``)."""
     spec = spec_for(data)
     path = (data.train_path if split == "train" else data.test_path) or offline_source(data, split)
-    if path is not None:
+    if path is not None and is_shards(path):
+        images = read_shards(shard_paths(path, f"data.{split}_path"), spec)
+    elif path is not None:
         path = Path(path)
         if path.is_dir():
             images = read_image_folder(path, spec.input_size)
@@ -235,17 +317,21 @@ def check_fits(images: ImageSet, spec: DatasetSpec, dataset: str, source: str) -
                         f"{spec.num_classes} classes")
 
 
-OFFLINE_NAMES = ("{dataset}-{split}.npz", "{dataset}-subset-{split}.npz", "{dataset}/{split}")
+# What offline_source looks for, by data.offline_set: the whole dataset (an .npz or
+# WebDataset shards) or the 10k-image subset first.
+_WHOLE, _SUBSET = ("{dataset}-{split}.npz", "{dataset}-{split}-*.tar.gz"), ("{dataset}-subset-{split}.npz",)
+OFFLINE_NAMES = {"full": _WHOLE + _SUBSET + ("{dataset}/{split}",), "subset": _SUBSET + _WHOLE + ("{dataset}/{split}",)}
 
 
-def offline_source(data: DataParams, split: str) -> Path | None:
-    """The first of ``OFFLINE_NAMES`` present under ``data.offline_dir`` (None if unset or absent)."""
+def offline_source(data: DataParams, split: str) -> str | None:
+    """The first of ``OFFLINE_NAMES[data.offline_set]`` present under ``data.offline_dir``
+    (a path, or a glob of shards; None if unset or absent)."""
     folder = data.offline_dir
     if folder is None:
         return None
-    for pattern in OFFLINE_NAMES:
-        path = Path(folder) / pattern.format(dataset=data.dataset, split=split)
-        if path.exists():
+    for pattern in OFFLINE_NAMES[data.offline_set]:
+        path = str(Path(folder) / pattern.format(dataset=data.dataset, split=split))
+        if glob.glob(path):
             return path
     return None
 

@@ -1,10 +1,11 @@
 """Figures and tables for people: the MRS bar chart and ``mrpf report``.
 
 ``mrpf report`` reads every run of the active grid (eval.json, eval_per_image.npz,
-prune.json under ``results/``) and writes ``reports/summary.md`` (one table per dataset x
-architecture x training method; rows method x sparsity), ``reports/robustness.csv``
-(the same rows, for ``dvc plots``) and ``reports/robustness.png`` (PGD-20 accuracy vs
-sparsity per method).
+prune.json under ``results/``) and writes ``reports/summary.md`` (per dataset x
+architecture x training method: every run; runs that differ only in their fine-tuning
+seed as mean ± sd with seeds x images intervals; the fine-tuning-length curve where the
+grid has one), ``reports/robustness.csv`` (one row per run, for ``dvc plots``) and
+``reports/robustness.png`` (PGD accuracy vs sparsity per method with intervals).
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import numpy as np
 
 from .io import atomic_path, read_json
 
-COLUMNS = [("clean_acc", "clean"), ("fgsm_acc", "FGSM"), ("pgd_acc", "PGD-20"), ("cw_acc", "CW"),
-           ("autoattack_acc", "AA")]
+ATTACKS = [("clean", "clean"), ("fgsm", "FGSM"), ("pgd", "PGD-20"), ("cw", "CW"), ("autoattack", "AA")]
 BASELINE = "uniform_l1"
 
 
@@ -60,114 +60,247 @@ def plot_mrs(mrs: dict, ratios: dict[float, list[float]] | None, path: str | Pat
     plt.close(fig)
 
 
+def _finetune_epochs(folder: Path) -> int | None:
+    """Fine-tuning epochs a pruned run had in all (prune.json's steps)."""
+    path = folder / "prune.json"
+    if not path.is_file():
+        return None
+    return sum(int(step.get("finetune", {}).get("epochs", 0)) for step in read_json(path).get("steps", []))
+
+
 def collect(config: dict, results: str | Path, log=print) -> list[dict]:
-    """One row per evaluated model of the active grid (dense first), with the paired
-    PGD-20 difference to ``uniform_l1`` at the same sparsity where both exist."""
+    """One row per evaluated model of the active grid (dense first): its metrics, its
+    per-image outcomes (``outcomes``, not written out) and, for pruned runs, the paired
+    PGD-20 difference to ``uniform_l1`` at the same sparsity, seed and block."""
     from . import workflow
     from .statistics import seed_image_difference
 
     results = Path(results)
     _, grid = workflow.active_grid(config)
+    runs = workflow.pruned_runs(grid)
     rows = []
     for cell in workflow.cells(config):
-        models = [("dense", None)] + [(run.pm, run.sparsity) for run in workflow.pruned_runs(grid)]
-        outcomes = {}
+        table = []
         dense_macs = None
-        for method, sparsity in models:
-            folder = results / cell["dataset"] / cell["arch"] / cell["tm"] / (method if sparsity is None else
-                                                                              f"{method}-{sparsity}")
-            row = dict(cell, method=method, sparsity=0.0 if sparsity is None else float(sparsity))
+        for run in [None] + runs:
+            name = "dense" if run is None else run.name
+            folder = results / cell["dataset"] / cell["arch"] / cell["tm"] / name
+            row = dict(cell, run=name, method="dense" if run is None else run.pm,
+                       sparsity=0.0 if run is None else float(run.sparsity),
+                       seed=None if run is None else run.seed, tag=None if run is None else run.tag,
+                       finetune_epochs=None if run is None else _finetune_epochs(folder), outcomes={})
+            table.append(row)
             if not (folder / "eval.json").is_file():
                 log(f"report: no {folder / 'eval.json'} yet; row left empty")
-                rows.append(row)
                 continue
             metrics = read_json(folder / "eval.json")
-            row.update({k: metrics.get(k) for k, _ in COLUMNS}, params=metrics["params"], macs=metrics["macs"],
-                       pgd_steps=metrics.get("pgd_steps"))
-            if method == "dense":
+            row.update({f"{a}_acc": metrics.get(f"{a}_acc") for a, _ in ATTACKS}, params=metrics["params"],
+                       macs=metrics["macs"], pgd_steps=metrics.get("pgd_steps"))
+            if run is None:
                 dense_macs = metrics["macs"]
             row["reduction"] = 1 - metrics["macs"] / dense_macs if dense_macs else None
             if (folder / "eval_per_image.npz").is_file():
                 with np.load(folder / "eval_per_image.npz") as npz:
-                    outcomes[(method, sparsity)] = npz["pgd"] if "pgd" in npz.files else None
-            rows.append(row)
-        for row in rows[-len(models):]:
-            key = (row["method"], None if row["method"] == "dense" else workflow.sparsity_label(row["sparsity"]))
-            base = outcomes.get((BASELINE, key[1]))
-            mine = outcomes.get(key)
-            if key[1] is not None and base is not None and mine is not None:
-                # outcomes of each seed as rows (one seed per run folder today: the paired interval)
-                row["delta_pgd"] = seed_image_difference(mine[None, :], base[None, :])
+                    row["outcomes"] = {k: npz[k] for k in npz.files}
+        by_key = {(r["method"], r["sparsity"], r["seed"], r["tag"]): r for r in table}
+        for row in table:
+            base = by_key.get((BASELINE, row["sparsity"], row["seed"], row["tag"]))
+            if row["method"] not in ("dense", BASELINE) and base is not None:
+                mine, theirs = row["outcomes"].get("pgd"), base["outcomes"].get("pgd")
+                if mine is not None and theirs is not None:
+                    row["delta_pgd"] = seed_image_difference(mine[None, :], theirs[None, :])
+        rows += table
     return rows
+
+
+def seed_groups(rows: list[dict]) -> list[dict]:
+    """Pruned runs that differ only in their fine-tuning seed, as one row each: mean and sd
+    of every accuracy over the seeds, and each difference to ``uniform_l1`` (same sparsity,
+    block and seeds) with its seeds x images 95 % interval (``seed_image_difference``)."""
+    from .statistics import seed_image_difference, spread
+
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["method"] != "dense" and row["outcomes"]:
+            key = (row["dataset"], row["arch"], row["tm"], row["method"], row["sparsity"], row["tag"])
+            groups.setdefault(key, []).append(row)
+    out = []
+    for (dataset, arch, tm, method, sparsity, tag), members in groups.items():
+        group = dict(dataset=dataset, arch=arch, tm=tm, method=method, sparsity=sparsity, tag=tag,
+                     seeds=[m["seed"] for m in members], reduction=spread([m["reduction"] for m in members])["mean"])
+        base = {m["seed"]: m for m in groups.get((dataset, arch, tm, BASELINE, sparsity, tag), [])}
+        for attack, _ in ATTACKS:
+            values = [m[f"{attack}_acc"] for m in members if m.get(f"{attack}_acc") is not None]
+            if values:
+                group[attack] = spread(values)
+            paired = [(m["outcomes"][attack], base[m["seed"]]["outcomes"][attack]) for m in members
+                      if m["seed"] in base and attack in m["outcomes"] and attack in base[m["seed"]]["outcomes"]]
+            if method != BASELINE and paired:
+                group[f"delta_{attack}"] = seed_image_difference(np.stack([a for a, _ in paired]),
+                                                                 np.stack([b for _, b in paired]))
+        out.append(group)
+    return out
+
+
+def accuracy_interval(members: list[dict], attack: str = "pgd") -> dict | None:
+    """Mean accuracy over seeds and images with its seeds x images 95 % interval."""
+    from .statistics import seed_image_difference
+
+    outcomes = [m["outcomes"][attack] for m in members if attack in m["outcomes"]]
+    if not outcomes:
+        return None
+    stacked = np.stack(outcomes).astype(float)
+    return seed_image_difference(stacked, np.zeros_like(stacked))
 
 
 def _pct(value) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
-def _delta(row: dict) -> str:
-    if row["method"] == BASELINE:
-        return "(baseline)"
-    d = row.get("delta_pgd")
+def _interval(d: dict | None) -> str:
     if not d:
         return "—"
     return f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
 
 
-def summary_markdown(rows: list[dict], grid_name: str) -> str:
+def _mean_sd(s: dict | None) -> str:
+    if not s:
+        return "—"
+    return f"{100 * s['mean']:.1f}" + ("" if math.isnan(s["sd"]) else f" ± {100 * s['sd']:.1f}")
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("s" if n > 1 else "")
+
+
+def _table(out: io.StringIO, headers: list[str], body: list[list[str]]) -> None:
     from tabulate import tabulate
 
+    out.write(tabulate(body, headers=headers, tablefmt="github", disable_numparse=True) + "\n")
+
+
+def summary_markdown(rows: list[dict], grid_name: str) -> str:
     out = io.StringIO()
     out.write(f"# mrpf report: grid `{grid_name}`\n\n"
               "Accuracies in % on the evaluated test images; reduction = MACs removed relative to the dense "
-              "model; Δ PGD-20 = paired difference to `uniform_l1` at the same sparsity with its 95 % "
-              "confidence interval over fine-tuning seeds and test images (`seed_image_difference` in "
-              "mrpf/statistics.py; with one seed, the paired t-interval over the same test images). "
-              "Written by `mrpf report`.\n")
+              "model. Per run, Δ = paired difference to `uniform_l1` at the same sparsity, seed and block, with "
+              "the 95 % paired t-interval over the test images. Over seeds, mean ± sd across fine-tuning seeds "
+              "and Δ with the 95 % interval over seeds and test images (`seed_image_difference` in "
+              "mrpf/statistics.py). Written by `mrpf report`.\n")
+    groups = seed_groups(rows)
     tables: dict[tuple, list[dict]] = {}
     for row in rows:
         tables.setdefault((row["dataset"], row["arch"], row["tm"]), []).append(row)
-    for (dataset, arch, tm), table in tables.items():
+    for panel, table in tables.items():
         pgd = f"PGD-{next((r['pgd_steps'] for r in table if r.get('pgd_steps')), 20)}"
-        headers = (["method", "sparsity"] + [pgd if h == "PGD-20" else h for _, h in COLUMNS]
+        attacks = [(a, pgd if a == "pgd" else h) for a, h in ATTACKS if any(r.get(f"{a}_acc") is not None
+                                                                            for r in table)]
+        out.write(f"\n## {' · '.join(panel)}\n\n### Runs\n\n")
+        headers = (["run", "method", "sparsity", "seed", "FT epochs"] + [h for _, h in attacks]
                    + ["params", "MACs", "reduction", f"Δ {pgd} vs {BASELINE}"])
-        body = [[r["method"], "—" if r["method"] == "dense" else f"{r['sparsity']:g}"]
-                + [_pct(r.get(k)) for k, _ in COLUMNS]
+        body = [[r["run"], r["method"], "—" if r["method"] == "dense" else f"{r['sparsity']:g}",
+                 "—" if r["seed"] is None else str(r["seed"]),
+                 "—" if r["finetune_epochs"] is None else str(r["finetune_epochs"])]
+                + [_pct(r.get(f"{a}_acc")) for a, _ in attacks]
                 + [f"{r['params'] / 1e6:.3f} M" if r.get("params") else "—",
                    f"{r['macs'] / 1e6:.1f} M" if r.get("macs") else "—",
-                   _pct(r.get("reduction")) if r["method"] != "dense" else "—", _delta(r)]
+                   _pct(r.get("reduction")) if r["method"] != "dense" else "—",
+                   "(baseline)" if r["method"] == BASELINE else _interval(r.get("delta_pgd"))]
                 for r in table]
-        out.write(f"\n## {dataset} · {arch} · {tm}\n\n")
-        out.write(tabulate(body, headers=headers, tablefmt="github", disable_numparse=True))
-        out.write("\n")
+        _table(out, headers, body)
+        mine = [g for g in groups if (g["dataset"], g["arch"], g["tm"]) == panel]
+        if any(len(g["seeds"]) > 1 for g in mine):
+            out.write("\n### Over fine-tuning seeds\n\n")
+            headers = (["method", "sparsity", "block", "seeds"] + [f"{h} mean ± sd" for _, h in attacks]
+                       + [f"Δ {h} vs {BASELINE} [95 % CI]" for _, h in attacks])
+            body = [[g["method"], f"{g['sparsity']:g}", g["tag"] or "—", ",".join(str(s) for s in g["seeds"])]
+                    + [_mean_sd(g.get(a)) for a, _ in attacks]
+                    + ["(baseline)" if g["method"] == BASELINE else _interval(g.get(f"delta_{a}"))
+                       + (f" ({_seeds(g[f'delta_{a}']['seeds'])})" if g.get(f"delta_{a}") else "")
+                       for a, _ in attacks]
+                    for g in sorted(mine, key=lambda g: (g["tag"] or "", g["sparsity"], g["method"] != BASELINE,
+                                                         g["method"]))]
+            _table(out, headers, body)
+        curve = finetune_curve(table)
+        if curve:
+            out.write(f"\n### Fine-tuning length (seed {curve[0]['seed']})\n\n")
+            headers = ["method", "sparsity", "FT epochs"] + [h for _, h in attacks] + [f"Δ {pgd} vs {BASELINE}"]
+            body = [[r["method"], f"{r['sparsity']:g}", str(r["finetune_epochs"])]
+                    + [_pct(r.get(f"{a}_acc")) for a, _ in attacks]
+                    + ["(baseline)" if r["method"] == BASELINE else _interval(r.get("delta_pgd"))] for r in curve]
+            _table(out, headers, body)
     return out.getvalue()
 
 
+def finetune_curve(table: list[dict]) -> list[dict]:
+    """Runs of one seed that differ only in their fine-tuning epochs (at least two lengths
+    of the same method and sparsity), sorted by method, sparsity and epochs."""
+    evaluated = [r for r in table if r["method"] != "dense" and r.get("pgd_acc") is not None
+                 and r["finetune_epochs"] is not None]
+    lengths: dict[tuple, set] = {}
+    for r in evaluated:
+        lengths.setdefault((r["method"], r["sparsity"], r["seed"]), set()).add(r["finetune_epochs"])
+    keys = {k for k, v in lengths.items() if len(v) > 1}
+    if not keys:
+        return []
+    seed = min(k[2] for k in keys if k[2] is not None) if any(k[2] is not None for k in keys) else None
+    return sorted((r for r in evaluated if (r["method"], r["sparsity"], r["seed"]) in keys and r["seed"] == seed),
+                  key=lambda r: (r["sparsity"], r["method"] != BASELINE, r["method"], r["finetune_epochs"]))
+
+
 def plot_robustness(rows: list[dict], path: str | Path) -> None:
-    """PGD-20 accuracy vs sparsity, one line per method, one panel per dataset x arch x method."""
+    """Per dataset x arch x training method: PGD accuracy vs sparsity, one line per method
+    (mean over seeds, bars = 95 % interval over seeds and images), and, where the grid
+    varies the fine-tuning length, PGD accuracy vs fine-tuning epochs below it."""
     plt = _pyplot()
     panels = sorted({(r["dataset"], r["arch"], r["tm"]) for r in rows})
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.6), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    curves = {panel: finetune_curve([r for r in rows if (r["dataset"], r["arch"], r["tm"]) == panel])
+              for panel in panels}
+    n_rows = 2 if any(curves.values()) else 1
+    fig, axes = plt.subplots(n_rows, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 3.8 * n_rows),
+                             squeeze=False)
+    for column, panel in enumerate(panels):
+        ax = axes[0][column]
         mine = [r for r in rows if (r["dataset"], r["arch"], r["tm"]) == panel and r.get("pgd_acc") is not None]
         dense = [r for r in mine if r["method"] == "dense"]
-        for method in sorted({r["method"] for r in mine} - {"dense"}):
-            points = sorted((r["sparsity"], 100 * r["pgd_acc"]) for r in mine + dense
-                            if r["method"] in (method, "dense"))
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        untagged = [r for r in mine if r["method"] != "dense" and r["tag"] is None]
+        for method in sorted({r["method"] for r in untagged}):
+            points = []
+            for sparsity in sorted({r["sparsity"] for r in untagged if r["method"] == method}):
+                members = [r for r in untagged if r["method"] == method and r["sparsity"] == sparsity]
+                interval = accuracy_interval(members)
+                mean = 100 * float(np.mean([m["pgd_acc"] for m in members]))
+                low, high = (100 * interval["low"], 100 * interval["high"]) if interval else (mean, mean)
+                points.append((sparsity, mean, mean - low, high - mean))
+            points = [(0.0, 100 * d["pgd_acc"], 0.0, 0.0) for d in dense] + points
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[[p[2] for p in points],
+                        [p[3] for p in points]], marker="o", capsize=3, label=method)
         ax.set_title(" · ".join(panel), fontsize=9)
         ax.set_xlabel("sparsity (MACs removed)")
-        ax.set_ylabel("PGD-20 accuracy (%)")
+        ax.set_ylabel("PGD accuracy (%), mean over seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+        if n_rows == 2:
+            ax = axes[1][column]
+            curve = curves[panel]
+            for method, sparsity in sorted({(r["method"], r["sparsity"]) for r in curve}):
+                points = sorted((r["finetune_epochs"], 100 * r["pgd_acc"]) for r in curve
+                                if (r["method"], r["sparsity"]) == (method, sparsity))
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{method} {sparsity:g}")
+            ax.set_xlabel("fine-tuning epochs")
+            ax.set_ylabel("PGD accuracy (%)")
+            ax.grid(alpha=0.3)
+            if curve:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 
-CSV_FIELDS = ["dataset", "arch", "tm", "method", "sparsity", "reduction", "clean_acc", "fgsm_acc", "pgd_acc", "cw_acc",
-              "autoattack_acc", "params", "macs", "delta_pgd", "delta_pgd_low", "delta_pgd_high"]
+CSV_FIELDS = ["dataset", "arch", "tm", "run", "method", "sparsity", "seed", "tag", "finetune_epochs", "reduction",
+              "clean_acc", "fgsm_acc", "pgd_acc", "cw_acc", "autoattack_acc", "params", "macs", "delta_pgd",
+              "delta_pgd_low", "delta_pgd_high"]
 
 
 def write_report(config: dict, results: str | Path, out_dir: str | Path, log=print) -> list[dict]:

@@ -344,8 +344,9 @@ def jobs(config: dict) -> list[Job]:
             evaluation = job("evaluate", dict(c, model=model), grid)
             plan.append(evaluation)
             report_deps += evaluation.outputs
-    plan.append(Job("report", {}, report_deps, [], plots=[f"{top}reports/robustness.csv", f"{top}reports/robustness.png"],
-                    kept=[f"{top}reports/summary.md"]))
+    reports = f"{top}reports"
+    plan.append(Job("report", {}, report_deps, [], plots=[f"{reports}/robustness.csv", f"{reports}/robustness.png"],
+                    kept=[f"{reports}/summary.md"]))
     return plan
 
 
@@ -398,23 +399,20 @@ def dvc_yaml(config: dict, params_file: str = "params.yaml") -> dict:
         if planned.stage == "prune":   # one stage per method (and MRS reuse): the params each reads
             name = f"prune_{run.pm}" + ("_remeasured" if run.pm == MRS_REUSE and not run.reuses_mrs else "")
             item.update(pm=run.pm, sparsity=run.sparsity)
-        if run is not None and run.extra(planned.stage):
+        if run is not None and run.extra(planned.stage):   # runs with overrides: a stage of their own
             item["extra"] = run.extra(planned.stage)
-        entry = stages.setdefault(name, {"foreach": {}, "do": None, "fields": set()})
+            name += "_overrides"
+        entry = stages.setdefault(name, {"foreach": {}, "do": None})
         entry["foreach"]["-".join(str(planned.cell[k]) for k in CELL_FIELDS[planned.stage])] = item
-        entry["fields"] |= set(item)
     for name, entry in stages.items():
         if name == "report":
             continue
-        fields = entry.pop("fields")
-        for item in entry["foreach"].values():
-            if "extra" in fields:
-                item.setdefault("extra", "")
-        stage = name if not name.startswith("prune_") else "prune"
-        template = {k: "${item.%s}" % k for k in fields}
+        stage = name.removesuffix("_overrides")
+        stage = "prune" if stage.startswith("prune_") else stage
+        template = {k: "${item.%s}" % k for k in next(iter(entry["foreach"].values()))}
         if stage == "prune":
-            template.update(pm=name.removeprefix("prune_").removesuffix("_remeasured"),
-                            reuse_mrs=not name.endswith("_remeasured"))
+            method = name.removeprefix("prune_").removesuffix("_overrides")
+            template.update(pm=method.removesuffix("_remeasured"), reuse_mrs=not method.endswith("_remeasured"))
         entry["do"] = _dvc_stage(job(stage, template, grid), params_file, grid_name, grid)
     plots = [{"reports/robustness.csv": {   # top-level plots are relative to dvc.yaml, not wdir
  "x": "sparsity", "y": "pgd_acc", "template": "scatter",

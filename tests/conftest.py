@@ -36,6 +36,30 @@ def write_npz(path: Path, n: int, classes: int = 10, size: int = 32, seed: int =
     return path
 
 
+def write_shard(path: Path, images: np.ndarray, labels, members: dict[str, bytes] | None = None) -> Path:
+    """A gzip'd WebDataset shard: KEY.png (lossless, so pixels compare exactly) + KEY.cls per
+    image, then ``members`` (name -> bytes) as given, for malformed shards."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    def add(tar, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(path, "w:gz") as tar:
+        for i, (image, label) in enumerate(zip(images, labels)):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            add(tar, f"s{i:06d}.png", buffer.getvalue())
+            add(tar, f"s{i:06d}.cls", str(int(label)).encode())
+        for name, data in (members or {}).items():
+            add(tar, name, data)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
     """Generated CIFAR-shaped train/test .npz files (600 / 200 images, 10 classes)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import tiny_overrides, write_npz
+from .conftest import tiny_overrides, write_npz, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,20 @@ def setup_files(folder: Path, tiny_data: dict, trained_checkpoint: Path) -> None
         np.savez(folder / "labels.npz", x=f["x"], y=f["y"] + 5)
     (folder / "empty_folder").mkdir()
     np.savez(folder / "wide.npz", x=np.zeros((20, 16, 32, 3), dtype=np.uint8), y=np.zeros(20, dtype=np.int64))
+    pixels, labels = np.zeros((4, 32, 32, 3), dtype=np.uint8), [0, 1, 2, 3]
+    write_shard(folder / "nolabel.tar.gz", pixels, labels, {"odd000.png": _png()})
+    write_shard(folder / "badlabel.tar.gz", pixels, labels, {"odd000.png": _png(), "odd000.cls": b"12"})
+    write_shard(folder / "notimage.tar.gz", pixels, labels, {"odd000.jpg": b"not a jpeg", "odd000.cls": b"1"})
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 TRAIN = ["train", "--run", "x"]
@@ -70,6 +84,12 @@ CASES = [
     ("L2 step that cannot reach the radius", ["evaluate", "--run", "x", "--checkpoint", "{ckpt}", "attack.norm=l2",
                                               "attack.eps=0.5", "evaluate.step_size=2/255"],
      "evaluate.step_size=2/255: 3 steps of 0.007843 cannot reach the l2 radius attack.eps=0.5"),
+    ("shard sample without a label", ["data", "--out", "out", "data.train_path=nolabel.tar.gz"],
+     "nolabel.tar.gz: sample odd000 has no odd000.cls"),
+    ("shard label out of range", ["data", "--out", "out", "data.train_path=badlabel.tar.gz"],
+     "badlabel.tar.gz: odd000.cls: label 12 out of range [0, 10)"),
+    ("shard member that is not an image", ["data", "--out", "out", "data.train_path=notimage.tar.gz"],
+     "notimage.tar.gz: odd000.jpg: not a readable image"),
     ("empty ImageFolder", TRAIN + ["data.train_path=empty_folder"], "ImageFolder is empty"),
     ("CUDA where there is none", TRAIN + ["--device", "cuda"], "CUDA is not available"),
     ("calibration set larger than training set", TRAIN + ["data.calibration_size=100000"],

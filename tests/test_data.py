@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ from mrpf import data
 from mrpf.config import load_params
 from mrpf.errors import MrpfError
 
-from .conftest import make_images, write_npz
+from .conftest import make_images, write_npz, write_shard
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def params_for(**data_keys):
@@ -196,3 +199,45 @@ def test_mrpf_data_writes_the_splits_from_an_offline_copy(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 2 and "dataset 'svhn' not found" in done.stderr
     assert not (tmp_path / "data" / "svhn" / "train.npz").exists()
+
+
+def test_shards_by_path_glob_or_list_give_every_image_in_shard_order(tmp_path):
+    x, y = make_images(30, seed=4)
+    write_shard(tmp_path / "part-000000.tar.gz", x[:20], y[:20])
+    write_shard(tmp_path / "part-000001.tar.gz", x[20:], y[20:])
+    expected = torch.from_numpy(x).permute(0, 3, 1, 2)
+    spec = data.DATASETS["cifar10"]
+    for source in (str(tmp_path / "part-*.tar.gz"),
+                   (str(tmp_path / "part-000000.tar.gz"), str(tmp_path / "part-000001.tar.gz"))):
+        images = data.read_source(params_for(train_path=source if isinstance(source, str) else
+                                             "[" + ",".join(source) + "]"), "train")
+        assert torch.equal(images.x, expected) and images.y.tolist() == y.tolist()
+    one = data.read_shards([tmp_path / "part-000001.tar.gz"], spec)
+    assert torch.equal(one.x, expected[20:])
+    with pytest.raises(MrpfError, match="no shard file matches"):
+        data.read_source(params_for(train_path=str(tmp_path / "none-*.tar.gz")), "train")
+
+
+def test_offline_dir_prefers_the_whole_dataset_unless_offline_set_is_subset(tmp_path):
+    x, y = make_images(30, seed=5)
+    write_shard(tmp_path / "cifar10-train-000000.tar.gz", x, y)
+    write_npz(tmp_path / "cifar10-subset-train.npz", 12, seed=6)
+    full = data.read_source(params_for(offline_dir=tmp_path), "train")
+    subset = data.read_source(params_for(offline_dir=tmp_path, offline_set="subset"), "train")
+    assert len(full) == 30 and len(subset) == 12
+    with pytest.raises(MrpfError, match="data.offline_set: unknown value 'half'"):
+        params_for(offline_set="half")
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10-test-000000.tar.gz").is_file(),
+                    reason="needs ../shared/data (the CIFAR-10 shards); absent on a plain clone")
+def test_cifar10_test_shard_decodes_to_the_subset_pixels_for_the_images_both_hold():
+    """Every image of cifar10-subset-test.npz is in the test shard with the same label and
+    exactly the same pixels (the shard holds 5,000 images, the subset 2,000 of them)."""
+    spec = data.DATASETS["cifar10"]
+    shard = data.read_shards([SHARED / "cifar10-test-000000.tar.gz"], spec)
+    subset = data.read_npz(SHARED / "cifar10-subset-test.npz")
+    assert len(shard) == 5000 and len(subset) == 2000
+    index = {shard.x[i].numpy().tobytes(): int(shard.y[i]) for i in range(len(shard))}
+    labels = [index.get(subset.x[i].numpy().tobytes()) for i in range(len(subset))]
+    assert labels == subset.y.tolist()

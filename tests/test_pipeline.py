@@ -128,3 +128,49 @@ def test_two_snakemake_invocations_on_one_directory_do_not_corrupt_outputs(pipel
         ref = json.loads((pipeline / RUN / model / "eval.json").read_text())
         assert without_timing({k: v for k, v in mine.items() if k != "checkpoint"}) == \
             without_timing({k: v for k, v in ref.items() if k != "checkpoint"})
+
+
+def test_a_params_change_as_a_dvc_experiment_reruns_only_the_stages_that_read_it(pipeline, tmp_path):
+    """`dvc exp run -S KEY=VALUE` is how an ablation runs (README): it reruns the stages whose
+    params include the key, and `dvc exp show` lists the experiment's metrics."""
+    folder = tmp_path / "exp"
+    shutil.copytree(pipeline, folder, symlinks=True)
+    reran = run(["dvc", "exp", "run", "-n", "probe025", "-S", "mrs.probe_ratio=0.25"], folder).stdout
+    assert "Running stage 'mrs@" in reran and "Running stage 'prune_mrpf@" in reran
+    assert "Running stage 'prune_uniform_l1@" not in reran and "Running stage 'train@" not in reran, reran
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], folder).stdout)
+    text = json.dumps(shown)
+    assert "probe025" in text and f"{RUN}/mrpf-0.5/eval.json" in text and "pgd_acc" in text
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    assert params["mrs"]["probe_ratio"] == 0.25     # the experiment's params are in the workspace
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory) -> Path:
+    """A grid with seeds, a tagged block (no fine-tuning), a block that remeasures MRS and an
+    out folder, run by Snakemake and recorded by `dvc commit`."""
+    from .test_workflow import SEEDED_GRID
+
+    folder = make_project(tmp_path_factory.mktemp("seeded") / "proj", grid=SEEDED_GRID)
+    run(["snakemake", "--cores", "2"], folder)
+    run(["dvc", "commit", "-f"], folder)
+    return folder
+
+
+def test_a_seeded_grid_in_its_out_folder_is_recorded_by_dvc_and_reported_over_seeds(seeded):
+    out = seeded / "experiments/seeded"
+    assert "up to date" in run(["dvc", "status"], seeded).stdout
+    assert "Running stage" not in run(["dvc", "repro", "--dry", "experiments/seeded/dvc.yaml"], seeded).stdout
+    assert (out / "dvc.lock").is_file() and not (seeded / "dvc.lock").exists()
+    summary = (out / "reports/summary.md").read_text()
+    assert "### Over fine-tuning seeds" in summary
+    line = next(x for x in summary.splitlines() if x.startswith("| mrpf ") and "| 0,1 " in x)
+    assert "(2 seeds)" in line, line
+    runs = out / "results/cifar10/vgg11_w8/pgd_at"
+    ft0 = json.loads((runs / "uniform_l1-0.7-s0-ft0/prune.json").read_text())
+    assert sum(step["finetune"]["epochs"] for step in ft0["steps"]) == 0
+    assert set(json.loads((runs / "uniform_l1-0.7-s0-ft0/eval.json").read_text())) >= {"clean_acc", "pgd_acc"}
+    assert "cw_acc" not in json.loads((runs / "uniform_l1-0.7-s0-ft0/eval.json").read_text())
+    s0, s1 = (json.loads((runs / f"mrpf-0.5-s{s}/prune.json").read_text()) for s in (0, 1))
+    assert s0["steps"][0]["mrs"] == s1["steps"][0]["mrs"]           # one dense MRS for every seed
+    assert s0["steps"][0]["finetune"] != s1["steps"][0]["finetune"]  # fine-tuned with its own seed

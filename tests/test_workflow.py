@@ -13,7 +13,7 @@ from mrpf import workflow
 from mrpf.config import DEFAULTS, load_params
 from mrpf.errors import MrpfError
 
-from .pipeline_project import ROOT, make_project, run
+from .pipeline_project import ROOT, TINY_GRID, make_project, run
 
 SCHEMA = ROOT / workflow.SCHEMA
 
@@ -43,7 +43,8 @@ def test_every_list_of_names_follows_its_one_definition():
     enums = {("prune", "method"): config.PRUNE_METHODS, ("prune", "metric"): config.BUDGET_METRICS,
              ("attack", "norm"): config.NORMS, ("train", "schedule"): config.SCHEDULES,
              ("mrs", "attack"): config.MRS_ATTACKS, ("mrs", "signal"): config.MRS_SIGNALS,
-             ("train", "method"): tuple(OBJECTIVES), ("prune", "finetune_method"): tuple(OBJECTIVES)}
+             ("train", "method"): tuple(OBJECTIVES), ("prune", "finetune_method"): tuple(OBJECTIVES),
+             ("data", "offline_set"): config.OFFLINE_SETS}
     for (section, key), names in enums.items():
         assert tuple(sections[section]["properties"][key]["enum"]) == names, (section, key)
     assert tuple(sections["evaluate"]["properties"]["attacks"]["items"]["enum"]) == config.EVALUATION_ATTACKS
@@ -51,6 +52,9 @@ def test_every_list_of_names_follows_its_one_definition():
     assert tuple(grid["prune_methods"]["allOf"][1]["items"]["enum"]) == config.PRUNE_METHODS
     assert tuple(grid["train_methods"]["allOf"][1]["items"]["enum"]) == tuple(OBJECTIVES)
     assert set(workflow.PRUNE_PARAMS) == set(config.PRUNE_METHODS)
+    from mrpf.data import OFFLINE_NAMES
+
+    assert tuple(OFFLINE_NAMES) == config.OFFLINE_SETS
     prune_help = build_parser()._subparsers._group_actions[0].choices["prune"].format_help()
     assert ", ".join(config.PRUNE_METHODS) in " ".join(prune_help.split())
 
@@ -129,12 +133,40 @@ def dvc_plan(folder: Path) -> set:
         return {(stage.cmd, frozenset(str(out.def_path) for out in stage.outs)) for stage in repo.index.stages}
 
 
+SEEDED_GRID = dict(TINY_GRID, seeds=[0, 1], out="experiments/seeded", extra_runs=[
+    {"prune_methods": ["uniform_l1"], "sparsities": [0.7], "seeds": [0], "tag": "ft0",
+     "params": {"prune": {"finetune_epochs": 0}, "evaluate": {"attacks": ["clean", "pgd"]}}},
+    {"prune_methods": ["mrpf"], "sparsities": [0.7], "seeds": [0], "params": {"mrs": {"probe_ratio": 0.25}}}])
+
+
 @pytest.mark.slow
-def test_snakemake_and_dvc_plan_the_same_commands_and_outputs(tmp_path):
-    folder = make_project(tmp_path / "proj", git=False)
+@pytest.mark.parametrize("grid, jobs", [(TINY_GRID, 9), (SEEDED_GRID, 17)], ids=["tiny", "seeds-extra-out"])
+def test_snakemake_and_dvc_plan_the_same_commands_and_outputs(tmp_path, grid, jobs):
+    folder = make_project(tmp_path / "proj", grid=grid, git=False)
     smk, dvc = snakemake_plan(folder), dvc_plan(folder)
-    assert len(smk) == 9
+    assert len(smk) == jobs
     assert smk == dvc
+
+
+def test_seeds_and_extra_runs_name_each_run_and_pass_its_overrides():
+    runs = {run.name: run for run in workflow.pruned_runs(SEEDED_GRID)}
+    assert set(runs) == {"mrpf-0.5-s0", "mrpf-0.5-s1", "uniform_l1-0.5-s0", "uniform_l1-0.5-s1",
+                         "uniform_l1-0.7-s0-ft0", "mrpf-0.7-s0"}
+    assert [r.name for r in workflow.pruned_runs(TINY_GRID)] == ["mrpf-0.5", "uniform_l1-0.5"]   # layout as before
+    cell = {"dataset": "cifar10", "arch": "vgg11_w8", "tm": "pgd_at"}
+    prune = workflow.command("prune", "params.yaml", "g", SEEDED_GRID, dict(cell, run="uniform_l1-0.7-s0-ft0"))
+    assert prune.endswith(" seed=0 prune.finetune_epochs=0 evaluate.attacks=[clean,pgd]")
+    assert "--runs-dir experiments/seeded/results " in prune and "--sparsity 0.7 " in prune
+    evaluate = workflow.command("evaluate", "params.yaml", "g", SEEDED_GRID, dict(cell, model="uniform_l1-0.7-s0-ft0"))
+    assert "seed=" not in evaluate   # every run meets the same evaluation attack starts
+    assert evaluate.endswith(" prune.finetune_epochs=0 evaluate.attacks=[clean,pgd]")
+    seeded = workflow.command("prune", "params.yaml", "g", SEEDED_GRID, dict(cell, run="mrpf-0.5-s1"))
+    assert "--mrs experiments/seeded/results/cifar10/vgg11_w8/pgd_at/mrs/mrs.json" in seeded
+    remeasured = workflow.command("prune", "params.yaml", "g", SEEDED_GRID, dict(cell, run="mrpf-0.7-s0"))
+    assert "--mrs" not in remeasured and remeasured.endswith("seed=0 mrs.probe_ratio=0.25")
+    twice = dict(SEEDED_GRID, extra_runs=[{"prune_methods": ["mrpf"], "sparsities": [0.5], "seeds": [1]}])
+    with pytest.raises(MrpfError, match="pruned run mrpf-0.5-s1 is listed twice"):
+        workflow.pruned_runs(twice)
 
 
 def test_snakemake_jobs_read_the_params_file_snakemake_was_given(tmp_path):

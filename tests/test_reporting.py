@@ -1,0 +1,76 @@
+"""`mrpf report` on a grid with seeds, extra runs and a fine-tuning-length curve: the
+numbers it prints are the ones the statistics module gives for the runs' outcomes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mrpf import reporting, workflow
+from mrpf.statistics import seed_image_difference
+
+GRID = {"datasets": ["cifar10"], "archs": ["vgg11_w8"], "train_methods": ["pgd_at"],
+        "prune_methods": ["mrpf", "uniform_l1"], "sparsities": [0.9], "seeds": [0, 1, 2],
+        "extra_runs": [{"prune_methods": ["mrpf", "uniform_l1"], "sparsities": [0.9], "seeds": [0], "tag": "ft2",
+                        "params": {"prune": {"final_epochs": 2}}}]}
+IMAGES = 400
+
+
+def write_run(folder: Path, rng: np.random.Generator, p_pgd: float, epochs: int | None, macs: int) -> dict:
+    folder.mkdir(parents=True)
+    outcomes = {"clean": rng.random(IMAGES) < p_pgd + 0.2, "pgd": rng.random(IMAGES) < p_pgd}
+    np.savez(folder / "eval_per_image.npz", **outcomes)
+    metrics = {f"{k}_acc": float(v.mean()) for k, v in outcomes.items()}
+    (folder / "eval.json").write_text(json.dumps(dict(metrics, params=1000, macs=macs, pgd_steps=20)))
+    if epochs is not None:
+        (folder / "prune.json").write_text(json.dumps({"steps": [{"finetune": {"epochs": 1}},
+                                                                 {"finetune": {"epochs": epochs - 1}}]}))
+    return outcomes
+
+
+@pytest.fixture
+def report(tmp_path):
+    config = {"grid": "g", "grids": {"g": GRID}}
+    rng = np.random.default_rng(0)
+    results = tmp_path / "results"
+    base = results / "cifar10/vgg11_w8/pgd_at"
+    outcomes = {"dense": write_run(base / "dense", rng, 0.4, None, 1000)}
+    for run in workflow.pruned_runs(GRID):
+        epochs = 3 if run.tag else 5
+        outcomes[run.name] = write_run(base / run.name, rng, 0.33 if run.pm == "mrpf" else 0.30, epochs, 100)
+    rows = reporting.write_report(config, results, tmp_path / "reports", log=lambda *_: None)
+    return tmp_path / "reports", rows, outcomes
+
+
+def test_seed_rows_give_mean_sd_and_the_seeds_by_images_interval(report):
+    folder, rows, outcomes = report
+    summary = (folder / "summary.md").read_text()
+    seeds = [0, 1, 2]
+    mine = np.stack([outcomes[f"mrpf-0.9-s{s}"]["pgd"] for s in seeds])
+    theirs = np.stack([outcomes[f"uniform_l1-0.9-s{s}"]["pgd"] for s in seeds])
+    d = seed_image_difference(mine, theirs)
+    accuracies = mine.mean(1)
+    mean_sd = f"{100 * accuracies.mean():.1f} ± {100 * accuracies.std(ddof=1):.1f}"
+    interval = f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] (3 seeds)"
+    line = next(x for x in summary.splitlines() if x.startswith("| mrpf ") and "| 0,1,2 " in x)
+    assert mean_sd in line and interval in line, line
+    # the per-seed rows carry the paired interval of their own seed only
+    one = seed_image_difference(mine[1:2], theirs[1:2])
+    row = next(r for r in rows if r["run"] == "mrpf-0.9-s1")
+    assert row["delta_pgd"] == pytest.approx(one)
+
+
+def test_finetune_curve_lists_each_length_of_seed_0(report):
+    folder, rows, outcomes = report
+    summary = (folder / "summary.md").read_text()
+    curve = summary.split("### Fine-tuning length (seed 0)")[1]
+    lines = [x for x in curve.splitlines() if x.startswith("| mrpf ") or x.startswith("| uniform_l1 ")]
+    assert [(x.split("|")[1].strip(), x.split("|")[3].strip()) for x in lines] == [
+        ("uniform_l1", "3"), ("uniform_l1", "5"), ("mrpf", "3"), ("mrpf", "5")]
+    csv = (folder / "robustness.csv").read_text().splitlines()
+    assert csv[0].startswith("dataset,arch,tm,run,method,sparsity,seed,tag,finetune_epochs")
+    assert len(csv) == 1 + 1 + len(workflow.pruned_runs(GRID))
+    assert (folder / "robustness.png").stat().st_size > 10_000
