@@ -158,11 +158,15 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm
 
 
 def trades_adversary(model: nn.Module, x: torch.Tensor, *, eps: float, step_size: float, steps: int,
-                     norm: str = "linf") -> torch.Tensor:
-    """TRADES inner maximisation (Zhang et al., 2019): argmax KL(p(x) || p(x')) over the eps-ball."""
+                     norm: str = "linf", target: torch.Tensor | None = None) -> torch.Tensor:
+    """TRADES inner maximisation (Zhang et al., 2019): argmax KL(p(x) || p(x')) over the eps-ball.
+    With ``target`` (class probabilities, e.g. a teacher's on x: RSLAD, Zi et al. 2021) the
+    divergence is from those instead of the model's own clean prediction."""
     with attack_mode(model) as net:
-        with torch.no_grad():
-            p_clean = F.softmax(net(x), dim=1)
+        if target is None:
+            with torch.no_grad():
+                target = F.softmax(net(x), dim=1)
+        p_clean = target
         objective = lambda logits: F.kl_div(F.log_softmax(logits, 1), p_clean, reduction="none").sum(1)  # noqa: E731
         return _ascend(net, x, 0.001 * _gaussian_like(x), objective, eps, step_size, steps, norm)
 

@@ -113,7 +113,7 @@ class PruneParams:
     steps: int = 3                      # T iterative steps; step t reaches S * t / T
     finetune_epochs: int = 2            # E_t: fine-tuning epochs after each step
     final_epochs: int = 4               # extra epochs added to the last step's fine-tune
-    finetune_method: str = "trades"
+    finetune_method: str = "trades"     # clean | pgd_at | trades | mart | rslad (distils from the dense model)
     finetune_lr: float = 0.01           # peak lr of each fine-tune (cosine schedule)
 
 
@@ -255,7 +255,7 @@ def parse(raw: dict) -> Params:
     """Typed, checked parameters from merged plain data (every key present)."""
     from .data import DATASETS
     from .models import check_arch
-    from .objectives import OBJECTIVES
+    from .objectives import FINETUNE_METHODS, OBJECTIVES
 
     if isinstance(raw["seed"], bool) or not isinstance(raw["seed"], int):
         raise MrpfError(f"seed: expected an integer, got {raw['seed']!r}")
@@ -287,7 +287,7 @@ def parse(raw: dict) -> Params:
     _choice("mrs.signal", params.mrs.signal, MRS_SIGNALS)
     _choice("prune.method", params.prune.method, PRUNE_METHODS)
     _choice("prune.metric", params.prune.metric, BUDGET_METRICS)
-    _choice("prune.finetune_method", params.prune.finetune_method, tuple(OBJECTIVES))
+    _choice("prune.finetune_method", params.prune.finetune_method, FINETUNE_METHODS)
     _within("prune.sparsity", params.prune.sparsity, raw["prune"]["sparsity"], 0, 1)
     _within("mrs.probe_ratio", params.mrs.probe_ratio, raw["mrs"]["probe_ratio"], 0, 1, closed_high=True)
     _within("prune.r_max", params.prune.r_max, raw["prune"]["r_max"], 0, 1, closed_high=True)

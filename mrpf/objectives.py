@@ -1,4 +1,6 @@
-"""Training objectives, chosen by name (``train.method``): clean, PGD-AT, TRADES, MART.
+"""Training objectives, chosen by name (``train.method``): clean, PGD-AT, TRADES, MART, and
+for fine-tuning a pruned model (``prune.finetune_method``) also RSLAD, distillation from the
+dense model.
 
 The loss formulas are pure functions of logits (tested against the papers' formulas);
 ``training_loss`` adds the inner maximisation each method prescribes.
@@ -7,6 +9,10 @@ The loss formulas are pure functions of logits (tested against the papers' formu
 - TRADES (Zhang et al., 2019): CE(f(x), y) + beta * KL(p(x) || p(x')), x' maximises the KL.
 - MART (Wang et al., 2020): BCE(p(x'), y) + beta * KL(p(x) || p(x')) * (1 - p_y(x)),
   BCE = -log p_y(x') - log(1 - max_{k!=y} p_k(x')), x' = PGD-k on CE.
+- RSLAD (Zi et al., ICCV 2021; robust soft-label adversarial distillation, after ARD,
+  Goldblum et al., AAAI 2020): (5/6) KL(t(x) || p(x')) + (1/6) KL(t(x) || p(x)), t = the
+  teacher's (the dense robust model's) soft labels on the clean input, x' maximising
+  KL(t(x) || p(x')); no hard labels.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 
 from .attacks import pgd, trades_adversary
 from .config import Params, pgd_step_size
+from .errors import MrpfError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +90,17 @@ def mart_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Ten
     return bce + beta * (kl * (1.0000001 - p_true)).mean()
 
 
+RSLAD_ADV_WEIGHT = 5 / 6   # Zi et al. 2021's weight of the adversarial term (the clean term: 1/6)
+
+
+def rslad_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, logits_teacher: torch.Tensor) -> torch.Tensor:
+    """RSLAD: KL of the student's clean and adversarial outputs from the teacher's clean soft labels."""
+    target = F.log_softmax(logits_teacher.float(), 1)
+    kl_adv = F.kl_div(F.log_softmax(logits_adv, 1), target, reduction="batchmean", log_target=True)
+    kl_clean = F.kl_div(F.log_softmax(logits_clean, 1), target, reduction="batchmean", log_target=True)
+    return RSLAD_ADV_WEIGHT * kl_adv + (1 - RSLAD_ADV_WEIGHT) * kl_clean
+
+
 # Each objective: (model in train mode, x, y, adversary, beta) -> (loss, logits on the attacked input).
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, Adversary, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -110,3 +128,26 @@ def _mart(model, x, y, adv, beta):
 
 
 OBJECTIVES: dict[str, Objective] = {"clean": _clean, "pgd_at": _pgd_at, "trades": _trades, "mart": _mart}
+
+
+def _rslad(model, x, y, adv, beta, *, teacher: nn.Module):
+    with torch.no_grad():
+        logits_teacher = teacher(x)
+    x_adv = trades_adversary(model, x, eps=adv.eps, step_size=adv.step_size, steps=adv.steps, norm=adv.norm,
+                             target=F.softmax(logits_teacher.float(), 1))
+    logits_clean, logits_adv = model(x), model(x_adv)
+    return rslad_loss(logits_clean, logits_adv, logits_teacher), logits_adv
+
+
+DISTILLATION = {"rslad": _rslad}   # objectives that fine-tune a pruned student from the dense teacher
+FINETUNE_METHODS = tuple(OBJECTIVES) + tuple(DISTILLATION)
+
+
+def objective_for(method: str, teacher: nn.Module | None = None) -> Objective:
+    """The objective called ``method``; a distillation one bound to ``teacher`` (in eval mode)."""
+    if method not in DISTILLATION:
+        return OBJECTIVES[method]
+    if teacher is None:
+        raise MrpfError(f"{method} distils a pruned model from the dense one: use it as prune.finetune_method")
+    teacher.eval().requires_grad_(False)
+    return lambda model, x, y, adv, beta: DISTILLATION[method](model, x, y, adv, beta, teacher=teacher)

@@ -30,7 +30,7 @@ from .config import ALLOCATION_METHODS, Params
 from .errors import MrpfError
 from .io import read_json, remove_stale_temporaries, save_checkpoint, write_json
 from .models import count_ops, load_model
-from .objectives import probe_adversary
+from .objectives import DISTILLATION, probe_adversary
 from .sensitivity import check_reusable, compute_mrs, mrs_settings
 from .training import train
 
@@ -134,6 +134,8 @@ def run_prune(params: Params, checkpoint: str | Path, run_dir: str | Path, log=p
     if mrs_path is not None and pp.method == "mrpf":
         dense_mrs = read_json(mrs_path)
         check_reusable(dense_mrs, mrs_path, model, arch, splits.calibration, params)
+    # distillation fine-tuning (prune.finetune_method: rslad): the dense model, frozen, is the teacher
+    teacher = load_model(checkpoint, runtime)[0] if pp.finetune_method in DISTILLATION else None
     remove_stale_temporaries(run_dir)
     steps = completed_steps(run_dir, params)
     if steps:   # resume after the last completed step: its fine-tuned, pruned model
@@ -147,7 +149,8 @@ def run_prune(params: Params, checkpoint: str | Path, run_dir: str | Path, log=p
                                      widths=widths, dense_mrs=dense_mrs if t == 1 else None)
         arch["pruning_history"] = arch["pruning_history"] + history
         epochs = pp.finetune_epochs + (pp.final_epochs if t == pp.steps else 0)
-        record["finetune"] = train(finetune_params(params, epochs), run_dir / f"step{t}", log, model=model, arch=arch)
+        record["finetune"] = train(finetune_params(params, epochs), run_dir / f"step{t}", log, model=model, arch=arch,
+                                   teacher=teacher)
         # written after the step's checkpoint, so it marks the step complete
         write_json(run_dir / f"step{t}" / STEP_FILE, {"resume_key": _resume_key(params), "record": record})
         steps.append(record)

@@ -23,7 +23,7 @@ from .errors import MrpfError
 from .gradient_step import GradientStep
 from .io import atomic_path, crash_point, load_checkpoint, remove_stale_temporaries, save_checkpoint, write_json
 from .models import arch_description, instantiate
-from .objectives import OBJECTIVES, Adversary, training_adversary, validation_adversary
+from .objectives import Adversary, objective_for, training_adversary, validation_adversary
 
 RESUME_FILE = "last.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -137,17 +137,18 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 
 def train(params: Params, run_dir: str | Path, log=print, *, model: torch.nn.Module | None = None,
-          arch: dict | None = None) -> dict:
+          arch: dict | None = None, teacher: torch.nn.Module | None = None) -> dict:
     """Train a model as ``params`` say; write ``checkpoint.pt`` and ``train_metrics.json`` to ``run_dir``.
 
     With ``model`` and ``arch`` (a pruned model being fine-tuned), train that model instead of
     a freshly initialised one; on return it holds the weights that were validated and saved
     (with ``train.ema_decay``, the EMA), so pruning goes on from the checkpoint's model.
+    ``teacher``: the dense model a distillation objective (``rslad``) learns from.
     """
     run_dir = Path(run_dir)
     runtime = devices.setup(params.device, log)
     tp = params.train
-    objective = OBJECTIVES[tp.method]
+    objective = objective_for(tp.method, None if teacher is None else runtime.prepare(teacher))
     adversary = training_adversary(params)
     val_adversary = validation_adversary(params)
     splits = data_mod.load_splits(params.data, with_test=False)

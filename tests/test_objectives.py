@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mrpf.objectives import mart_loss, pgd_at_loss, trades_loss
+from mrpf.objectives import mart_loss, pgd_at_loss, rslad_loss, trades_loss
 
 
 @pytest.fixture
@@ -55,3 +55,44 @@ def test_trades_gradient_stays_finite_when_probabilities_underflow():
     adv = torch.tensor([[100.0, 50.0, -100.0], [10.0, 100.0, -100.0]], requires_grad=True)
     trades_loss(clean, adv, torch.tensor([0, 1]), 6.0).backward()
     assert torch.isfinite(clean.grad).all() and torch.isfinite(adv.grad).all()
+
+
+def test_rslad_formula(batch):
+    # Zi et al. 2021: 5/6 KL(t(x) || s(x')) + 1/6 KL(t(x) || s(x)), t = the teacher's soft labels
+    clean, adv, _ = batch
+    teacher = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+
+    def kl(p, q):
+        return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+    expected = sum(5 / 6 * kl(softmax(teacher[i].tolist()), softmax(adv[i].tolist()))
+                   + 1 / 6 * kl(softmax(teacher[i].tolist()), softmax(clean[i].tolist())) for i in range(6)) / 6
+    assert rslad_loss(clean, adv, teacher).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_rslad_attack_diverges_from_the_teacher_and_needs_one():
+    from mrpf.attacks import trades_adversary
+    from mrpf.errors import MrpfError
+    from mrpf.objectives import objective_for
+
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(12, 4), torch.nn.Linear(12, 4)
+    x = torch.rand(16, 12)
+    target = torch.softmax(teacher(x), 1).detach()
+
+    def divergence(inputs):
+        return torch.nn.functional.kl_div(torch.log_softmax(student(inputs), 1), target, reduction="sum").item()
+
+    x_adv = trades_adversary(student, x, eps=0.1, step_size=0.05, steps=5, target=target)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and divergence(x_adv) > divergence(x) + 1e-3
+    with pytest.raises(MrpfError, match="rslad distils a pruned model from the dense one"):
+        objective_for("rslad")
+    loss, logits = objective_for("rslad", teacher)(student, x, None, _adversary(), 0.0)
+    assert loss.requires_grad and logits.shape == (16, 4)
+    assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def _adversary():
+    from mrpf.objectives import Adversary
+
+    return Adversary(eps=0.1, step_size=0.05, steps=2)

@@ -181,3 +181,30 @@ def test_mrpf_reuses_the_mrs_stage_result_and_refuses_one_of_other_settings(tiny
                                                                   "mrs.probe_ratio=0.25"])
     with pytest.raises(MrpfError, match="measured with other settings"):
         run_prune(other, dense, tmp_path / "other", log=lambda m: None, mrs_path=tmp_path / "m" / "mrs.json")
+
+
+@pytest.mark.parametrize("method", ["uniform_l1", "mrpf"])
+def test_rslad_fine_tunes_the_pruned_student_from_the_unchanged_dense_teacher(tiny_data, dense, tmp_path, method,
+                                                                             monkeypatch):
+    """Distillation is open to every method: the same optimiser steps as TRADES, each loss
+    computed against the dense model's soft labels, and the dense checkpoint left as it was."""
+    from mrpf import objectives
+
+    teachers = []
+    rslad = objectives.DISTILLATION["rslad"]
+
+    def spy(model, x, y, adv, beta, *, teacher):
+        teachers.append(teacher)
+        return rslad(model, x, y, adv, beta, teacher=teacher)
+
+    monkeypatch.setitem(objectives.DISTILLATION, "rslad", spy)
+    before = dense.read_bytes()
+    params = load_params(None, tiny_overrides(tiny_data) + PRUNE + [f"prune.method={method}", "prune.sparsity=0.5",
+                                                                    "prune.finetune_method=rslad"])
+    summary = run_prune(params, dense, tmp_path / "p", log=lambda m: None)
+    assert len(teachers) == 2 * 8 and len({id(t) for t in teachers}) == 1
+    assert [s["finetune"]["method"] for s in summary["steps"]] == ["rslad", "rslad"]
+    teacher = teachers[0]
+    reference, _ = load_model(dense, setup(params.device))
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), reference.state_dict().values()))
+    assert not teacher.training and dense.read_bytes() == before

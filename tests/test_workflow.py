@@ -36,14 +36,14 @@ def test_every_list_of_names_follows_its_one_definition():
     """The schema's enums, the pipeline's per-method params and the CLI's help use config's lists."""
     from mrpf import config
     from mrpf.cli import build_parser
-    from mrpf.objectives import OBJECTIVES
+    from mrpf.objectives import FINETUNE_METHODS, OBJECTIVES
 
     schema = yaml.safe_load(SCHEMA.read_text())
     sections = schema["$defs"]["sections"]["properties"]
     enums = {("prune", "method"): config.PRUNE_METHODS, ("prune", "metric"): config.BUDGET_METRICS,
              ("attack", "norm"): config.NORMS, ("train", "schedule"): config.SCHEDULES,
              ("mrs", "attack"): config.MRS_ATTACKS, ("mrs", "signal"): config.MRS_SIGNALS,
-             ("train", "method"): tuple(OBJECTIVES), ("prune", "finetune_method"): tuple(OBJECTIVES),
+             ("train", "method"): tuple(OBJECTIVES), ("prune", "finetune_method"): FINETUNE_METHODS,
              ("data", "offline_set"): config.OFFLINE_SETS}
     for (section, key), names in enums.items():
         assert tuple(sections[section]["properties"][key]["enum"]) == names, (section, key)
