@@ -11,6 +11,12 @@ global-threshold baselines use. lambda is found by
 bisection on the reduction *measured on the actually pruned model* (Torch-Pruning's
 counter), so coupling between groups cannot make the budget miss. ("Bisection" in the design;
 regula falsi here, which brackets the same way and needs fewer pruned models.)
+
+``prune.allocation: loss_curve`` replaces the rule by the measured robust-loss curves
+(``LossCurve``): for each lambda every group takes the ratio minimising
+increase_g(r) - lambda * w_g * r, the Lagrangian of a separable resource allocation
+(minimise the summed predicted increase subject to the budget; Everett, 1963), found by
+the same search on the measured reduction.
 """
 
 from __future__ import annotations
@@ -65,6 +71,62 @@ def ratios_for(lam: float, mrs: list[float], weights: list[float], alpha: float,
                r_caps: list[float]) -> list[float]:
     """r_g = min(cap_g, lambda * w_g / MRS_g^alpha): the allocation rule before rounding to channels."""
     return [min(cap, lam * w / (s ** alpha)) for s, w, cap in zip(mrs, weights, r_caps)]
+
+
+class LossCurve:
+    """A group's relative robust-loss increase as a function of the fraction r of its channels
+    removed, fitted to probes at ratios rho_k: the lower convex envelope of (0, 0) and the
+    probes (piecewise linear, non-decreasing), extended beyond the last probe with the last
+    segment's slope. Convex, because the Lagrangian search can only reach the allocations of
+    the convexified problem: on a concave stretch a group would jump from keeping all to
+    losing most at one lambda, and the budget could be missed."""
+
+    def __init__(self, ratios: list[float], increases: list[float]):
+        points = [(0.0, 0.0)] + [(float(r), max(0.0, float(v))) for r, v in zip(ratios, increases)]
+        hull: list[tuple[float, float]] = []
+        for point in points:   # Andrew's monotone chain, lower half
+            while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (point[1] - hull[-2][1])
+                                      - (hull[-1][1] - hull[-2][1]) * (point[0] - hull[-2][0])) <= 0:
+                hull.pop()
+            hull.append(point)
+        if len(hull) == 1:
+            hull.append((points[-1][0], 0.0))
+        self.r, self.y = [p[0] for p in hull], [p[1] for p in hull]
+
+    def __call__(self, r: float) -> float:
+        if r >= self.r[-1]:
+            slope = (self.y[-1] - self.y[-2]) / (self.r[-1] - self.r[-2])
+            return self.y[-1] + slope * (r - self.r[-1])
+        for k in range(1, len(self.r)):
+            if r <= self.r[k]:
+                t = (r - self.r[k - 1]) / (self.r[k] - self.r[k - 1])
+                return self.y[k - 1] + t * (self.y[k] - self.y[k - 1])
+        return self.y[-1]
+
+    def max_slope(self) -> float:
+        return max((self.y[k] - self.y[k - 1]) / (self.r[k] - self.r[k - 1]) for k in range(1, len(self.r)))
+
+
+CURVE_GRID = 200   # candidate ratios per group for the loss-curve rule: steps of r_cap / 200
+
+
+def curve_smoothing(curves: list[LossCurve]) -> float:
+    """Weight of the r^2 term that makes each group's minimiser unique and move with lambda:
+    linear stretches of the curves would otherwise send every group with the same slope from 0
+    to its cap at one lambda, and no lambda would meet the budget. 1 % of the mean increase at
+    the last probe: small against the measured differences."""
+    return 0.01 * max(sum(c.y[-1] for c in curves) / len(curves), 1e-9)
+
+
+def curve_ratios_for(lam: float, curves: list[LossCurve], weights: list[float], r_caps: list[float]) -> list[float]:
+    """Each group's r in [0, cap] minimising increase_g(r) + s r^2 - lambda * w_g * r
+    (s: ``curve_smoothing``; on a grid of CURVE_GRID steps, smallest r on ties)."""
+    smooth = curve_smoothing(curves)
+    ratios = []
+    for curve, w, cap in zip(curves, weights, r_caps):
+        candidates = [cap * k / CURVE_GRID for k in range(CURVE_GRID + 1)]
+        ratios.append(min(candidates, key=lambda r: (curve(r) + smooth * r * r - lam * w * r, r)))
+    return ratios
 
 
 def removal_cap(channels: int, dense_channels: int, r_max: float) -> int:
@@ -135,11 +197,13 @@ def check_reachable(model: nn.Module, input_size: int, num_classes: int, budget:
 def solve(model: nn.Module, groups: list[groups_mod.Group], mrs: list[float], *, input_size: int, num_classes: int,
           budget: float, metric: str = "macs", alpha: float = 1.0, r_max: float = 0.9, cost_aware: bool = True,
           dense: dict | None = None, iterations: int = 30, round_to: int = 1,
-          dense_channels: list[int] | None = None) -> dict:
+          dense_channels: list[int] | None = None, curves: list[LossCurve] | None = None) -> dict:
     """Per-group ratios whose pruned model removes ``budget`` of the dense model's ``metric``.
 
     ``dense``: counts of the reference model the budget is relative to (default: ``model``);
-    ``dense_channels``: each group's dense width, against which ``r_max`` holds (default: now).
+    ``dense_channels``: each group's dense width, against which ``r_max`` holds (default: now);
+    ``curves``: one ``LossCurve`` per group for the loss-curve rule (then ``mrs`` and ``alpha``
+    are not used).
     Returns ``{"ratios", "caps", "lambda", "achieved", "counts"}`` (``caps``: channels each group
     may lose, for ``apply_ratios``).
     """
@@ -156,13 +220,22 @@ def solve(model: nn.Module, groups: list[groups_mod.Group], mrs: list[float], *,
     caps = [removal_cap(g.channels, d, r_max) for g, d in zip(groups, dense_channels)]
     r_caps = [cap / g.channels for cap, g in zip(caps, groups)]
 
+    def rule(lam: float) -> list[float]:
+        if curves is not None:
+            return curve_ratios_for(lam, curves, weights, r_caps)
+        return ratios_for(lam, mrs, weights, alpha, r_caps)
+
     def achieved(lam: float) -> tuple[float, list[float], dict]:
-        ratios = ratios_for(lam, mrs, weights, alpha, r_caps)
+        ratios = rule(lam)
         pruned, _ = prune_copy(model, input_size, num_classes, ratios, round_to, caps)
         counts = count_ops(pruned, input_size)
         return 1 - counts[metric] / dense[metric], ratios, counts
 
-    hi = max(c * s ** alpha / w for s, w, c in zip(mrs, weights, r_caps))
+    if curves is None:   # the smallest lambda at which every group reaches its cap
+        hi = max(c * s ** alpha / w for s, w, c in zip(mrs, weights, r_caps))
+    else:                # ... where removing more never raises the group's Lagrangian
+        smooth = curve_smoothing(curves)
+        hi = max((curve.max_slope() + 2 * smooth * c) / w for curve, w, c in zip(curves, weights, r_caps)) * 1.01
     best = achieved(hi)
     if best[0] < budget:
         raise MrpfError(f"a {budget:.0%} {metric} reduction is out of reach: pruning every group to "

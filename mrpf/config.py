@@ -32,6 +32,7 @@ ALLOCATION_METHODS = ("mrpf", "mrpf_clean", "uniform_l1")      # per-group ratio
 GLOBAL_METHODS = ("global_magnitude", "taylor_adv", "random")    # one global threshold on channel scores
 PRUNE_METHODS = ALLOCATION_METHODS + GLOBAL_METHODS
 BUDGET_METRICS = ("macs", "params")
+ALLOCATION_RULES = ("inverse_mrs", "loss_curve")   # how mrpf turns probe results into per-group ratios
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,7 @@ class MrsParams:                        # Module Robustness Sensitivity (docs/me
     signal: str = "robust"              # robust | clean (delta = 0)
     steps: int = 5                      # PGD steps of the probe attack (step 2.5 * eps / steps)
     batch_size: int = 256
+    curve_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)   # probe ratios of prune.allocation: loss_curve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +108,7 @@ class PruneParams:
     method: str = "mrpf"                # one of PRUNE_METHODS
     sparsity: float = 0.5               # S: fraction of the dense model's budget metric removed
     metric: str = "macs"                # macs | params
+    allocation: str = "inverse_mrs"     # inverse_mrs: r ~ w / MRS^alpha | loss_curve: min predicted loss rise
     alpha: float = 1.0                  # exponent on MRS in the allocation
     r_max: float = 0.9                  # no group loses more than this fraction of its dense channels
     cost_aware: bool = True             # weight ratios by the group's share of the budget metric
@@ -288,6 +291,10 @@ def parse(raw: dict) -> Params:
     _choice("prune.method", params.prune.method, PRUNE_METHODS)
     _choice("prune.metric", params.prune.metric, BUDGET_METRICS)
     _choice("prune.finetune_method", params.prune.finetune_method, FINETUNE_METHODS)
+    _choice("prune.allocation", params.prune.allocation, ALLOCATION_RULES)
+    curve = params.mrs.curve_ratios
+    if not curve or any(not 0 < r < 1 for r in curve) or list(curve) != sorted(set(curve)):
+        raise MrpfError(f"mrs.curve_ratios: ascending fractions in (0, 1), got {raw['mrs']['curve_ratios']!r}")
     _within("prune.sparsity", params.prune.sparsity, raw["prune"]["sparsity"], 0, 1)
     _within("mrs.probe_ratio", params.mrs.probe_ratio, raw["mrs"]["probe_ratio"], 0, 1, closed_high=True)
     _within("prune.r_max", params.prune.r_max, raw["prune"]["r_max"], 0, 1, closed_high=True)

@@ -31,7 +31,7 @@ from .errors import MrpfError
 from .io import read_json, remove_stale_temporaries, save_checkpoint, write_json
 from .models import count_ops, load_model
 from .objectives import DISTILLATION, probe_adversary
-from .sensitivity import check_reusable, compute_mrs, mrs_settings
+from .sensitivity import check_reusable, compute_curves, compute_mrs, loss_curves, mrs_settings
 from .training import train
 
 STEP_FILE = "step.json"
@@ -57,6 +57,7 @@ def prune_step(model, arch, params: Params, calibration, runtime, budget, dense,
     record: dict = {"budget": budget, "groups": [g.describe() for g in found]}
     started = time.perf_counter()
     if pp.method in ALLOCATION_METHODS:
+        curves = None
         if pp.method == "uniform_l1":
             mrs, alpha, cost_aware = [1.0] * len(found), 0.0, False
         else:
@@ -70,9 +71,14 @@ def prune_step(model, arch, params: Params, calibration, runtime, budget, dense,
             record["mrs"] = result
             mrs = [row["mrs"] for row in result["groups"]]
             alpha, cost_aware = pp.alpha, pp.cost_aware
+            if pp.allocation == "loss_curve":
+                record["curves"] = result["curves"] if dense_mrs is not None else compute_curves(
+                    model, found, calibration, probe_adversary(params), runtime, settings, params.mrs.curve_ratios,
+                    params.mrs.batch_size, log, measured=result)
+                curves = loss_curves(record["curves"])
         solved = allocation.solve(model, found, mrs, input_size=arch_size, num_classes=classes, budget=budget,
                                   metric=pp.metric, alpha=alpha, r_max=pp.r_max, cost_aware=cost_aware, dense=dense,
-                                  round_to=pp.round_to, dense_channels=dense_channels)
+                                  round_to=pp.round_to, dense_channels=dense_channels, curves=curves)
         record["ratios"] = solved["ratios"]
         history = allocation.apply_ratios(model, arch_size, classes, solved["ratios"], pp.round_to, solved["caps"])
     else:

@@ -82,6 +82,28 @@ def compute_mrs(model, groups: list[Group], calibration: data_mod.ImageSet, adve
         return _compute_mrs(model, groups, calibration, adversary, runtime, settings, batch_size, log)
 
 
+def compute_curves(model, groups: list[Group], calibration: data_mod.ImageSet, adversary: Adversary,
+                   runtime: Runtime, settings: MrsSettings, ratios: tuple[float, ...], batch_size: int = 256,
+                   log=None, measured: dict | None = None) -> dict:
+    """Each group's relative robust-loss increase when the probe removes each of ``ratios``
+    of its channels (``prune.allocation: loss_curve``): ``{"ratios", "increase": [per group]}``.
+    ``measured``: an MRS result of this model; its probe ratio is not measured again."""
+    columns = []
+    for rho in ratios:
+        if measured is not None and abs(measured["settings"]["probe_ratio"] - rho) < 1e-12:
+            result = measured
+        else:
+            result = compute_mrs(model, groups, calibration, adversary, runtime,
+                                 dataclasses.replace(settings, probe_ratio=rho), batch_size, log)
+        columns.append([row["mrs"] for row in result["groups"]])
+    return {"ratios": list(ratios), "increase": [list(values) for values in zip(*columns)]}
+
+
+def loss_curves(curves: dict) -> list:
+    """``allocation.LossCurve`` per group from a ``compute_curves`` result."""
+    return [allocation.LossCurve(curves["ratios"], increase) for increase in curves["increase"]]
+
+
 def seeded_scope(device: torch.device):
     """A scope whose ``torch.manual_seed`` calls leave the caller's random state (CPU and
     ``device``) as it was."""
@@ -131,6 +153,9 @@ def check_reusable(result: dict, path, model, arch: dict, calibration: data_mod.
                 "groups": [(g.root, g.channels) for g in found]}
     found_there = {k: result.get(k) for k in expected if k != "groups"}
     found_there["groups"] = [(r["root"], r["channels"]) for r in result.get("groups", [])]
+    if params.prune.allocation == "loss_curve":   # only then: older mrs.json files hold no curves
+        expected["curve_ratios"] = list(params.mrs.curve_ratios)
+        found_there["curve_ratios"] = (result.get("curves") or {}).get("ratios")
     differ = [k for k in expected if plain(expected[k]) != plain(found_there[k])]
     if differ:
         raise MrpfError(f"{path}: measured with other {', '.join(differ)} than this prune run; "
@@ -152,13 +177,19 @@ def run_mrs(params: Params, checkpoint: str | Path, run_dir: str | Path, log=pri
     started = time.perf_counter()
     result = compute_mrs(model, found, splits.calibration, probe_adversary(params), runtime, mrs_settings(params),
                          params.mrs.batch_size, log)
-    result["seconds"] = time.perf_counter() - started
     pp = params.prune
+    curves = None
+    if pp.allocation == "loss_curve":
+        result["curves"] = compute_curves(model, found, splits.calibration, probe_adversary(params), runtime,
+                                          mrs_settings(params), params.mrs.curve_ratios, params.mrs.batch_size, log,
+                                          measured=result)
+        curves = loss_curves(result["curves"])
+    result["seconds"] = time.perf_counter() - started
     ratios, result["allocation"] = {}, []
     for sparsity in sparsities or [pp.sparsity]:
         solved = allocation.solve(model, found, [r["mrs"] for r in result["groups"]], input_size=arch["input_size"],
                                   num_classes=arch["num_classes"], budget=sparsity, metric=pp.metric, alpha=pp.alpha,
-                                  r_max=pp.r_max, cost_aware=pp.cost_aware, round_to=pp.round_to)
+                                  r_max=pp.r_max, cost_aware=pp.cost_aware, round_to=pp.round_to, curves=curves)
         ratios[sparsity] = solved["ratios"]
         result["allocation"].append({"sparsity": sparsity, "metric": pp.metric, "achieved": solved["achieved"],
                                      "ratios": solved["ratios"]})

@@ -80,13 +80,13 @@ STAGE_PARAMS = {
     "data": ["data"],
     "train": ["seed", "model", "attack", "train", "data.augment"] + _SPLITS,
     "evaluate": ["seed", "attack", "evaluate"],
-    "mrs": ["seed", "attack", "mrs", "prune.sparsity", "prune.metric", "prune.alpha", "prune.r_max",
-            "prune.cost_aware", "prune.round_to"] + _SPLITS,
+    "mrs": ["seed", "attack", "mrs", "prune.sparsity", "prune.metric", "prune.allocation", "prune.alpha",
+            "prune.r_max", "prune.cost_aware", "prune.round_to"] + _SPLITS,
     "report": [],
 }
 PRUNE_PARAMS = {  # per method: only what it reads, so a change reruns only the runs it touches
-    "mrpf": ["mrs", "prune.alpha", "prune.cost_aware"],
-    "mrpf_clean": ["mrs", "prune.alpha", "prune.cost_aware"],
+    "mrpf": ["mrs", "prune.allocation", "prune.alpha", "prune.cost_aware"],
+    "mrpf_clean": ["mrs", "prune.allocation", "prune.alpha", "prune.cost_aware"],
     "taylor_adv": ["mrs.steps", "mrs.batch_size"],
     "uniform_l1": [], "global_magnitude": [], "random": [],
 }

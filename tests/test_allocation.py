@@ -149,3 +149,40 @@ def test_cost_aware_ratios_follow_weight_over_mrs_to_the_alpha_before_the_cap():
     assert len(uncapped) >= 3
     assert all(r == pytest.approx(e, rel=1e-9) for r, e in uncapped)
     assert all(r <= int(0.9 * g.channels) / g.channels + 1e-12 for r, g in zip(out["ratios"], found))
+
+
+def test_loss_curve_is_the_convex_envelope_of_the_probes_extended_by_the_last_slope():
+    curve = allocation.LossCurve([0.25, 0.5, 0.75], [0.1, 0.05, 0.4])    # a noisy bump at 0.25
+    assert curve.r == [0.0, 0.5, 0.75] and curve.y == [0.0, 0.05, 0.4]   # (0.25, 0.1) lies above the envelope
+    assert curve(0.25) == pytest.approx(0.025) and curve(0.625) == pytest.approx(0.225)
+    assert curve(0.9) == pytest.approx(0.4 + 1.4 * 0.15)                 # last slope, 1.4 per unit
+    assert curve.max_slope() == pytest.approx(1.4)
+    concave = allocation.LossCurve([0.25, 0.5, 0.75], [0.5, 0.55, 0.6])   # steep, then flat: the chord
+    assert curve.max_slope() > 0 and concave(0.25) == pytest.approx(0.2) and concave.r == [0.0, 0.75]
+    assert allocation.LossCurve([0.5], [-0.01])(0.9) == 0.0              # no increase measured
+
+
+def test_loss_curve_rule_minimises_each_groups_lagrangian():
+    curves = [allocation.LossCurve([0.25, 0.5, 0.75], [0.01, 0.05, 0.3]),   # convex: cheap first channels
+              allocation.LossCurve([0.25, 0.5, 0.75], [0.2, 0.4, 0.6])]     # linear, slope 0.8
+    weights, caps = [0.5, 0.5], [0.9, 0.9]
+    s = allocation.curve_smoothing(curves)
+    assert s == pytest.approx(0.01 * (0.3 + 0.6) / 2)
+    for lam in (0.05, 0.3, 1.0, 3.0):
+        ratios = allocation.curve_ratios_for(lam, curves, weights, caps)
+        for curve, w, cap, r in zip(curves, weights, caps, ratios):
+            grid = [cap * k / allocation.CURVE_GRID for k in range(allocation.CURVE_GRID + 1)]
+            assert curve(r) + s * r * r - lam * w * r <= min(curve(g) + s * g * g - lam * w * g for g in grid) + 1e-12
+    assert allocation.curve_ratios_for(1.0, curves, weights, caps)[1] == 0.0    # 0.8 > 1.0 * 0.5: keep whole
+    assert allocation.curve_ratios_for(1.7, curves, weights, caps)[1] == 0.9    # 0.8 + 2 s 0.9 < 1.7 * 0.5: cap
+
+
+def test_loss_curve_allocation_meets_the_budget_and_spares_the_steep_groups():
+    model, found, mrs = _setup("vgg16_w4")
+    steep = set(range(0, len(found), 2))
+    curves = [allocation.LossCurve([0.25, 0.5, 0.75], [2.0, 4.0, 6.0] if g in steep else [0.01, 0.02, 0.05])
+              for g in range(len(found))]
+    out = allocation.solve(model, found, mrs, input_size=32, num_classes=10, budget=0.5, cost_aware=False,
+                           curves=curves)
+    assert abs(out["achieved"] - 0.5) <= 0.01
+    assert max(out["ratios"][g] for g in steep) < min(r for g, r in enumerate(out["ratios"]) if g not in steep)

@@ -208,3 +208,25 @@ def test_rslad_fine_tunes_the_pruned_student_from_the_unchanged_dense_teacher(ti
     reference, _ = load_model(dense, setup(params.device))
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), reference.state_dict().values()))
     assert not teacher.training and dense.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_loss_curve_allocation_prunes_from_measured_curves_and_reuses_the_mrs_stage(tiny_data, dense, tmp_path):
+    """prune.allocation: loss_curve probes each group at mrs.curve_ratios (the MRS ratio not
+    again), meets the budget, and reuses an mrs.json only when it holds those curves."""
+    from mrpf.sensitivity import run_mrs
+
+    curve = ["prune.method=mrpf", "prune.sparsity=0.5", "prune.steps=1", "prune.allocation=loss_curve"]
+    params = load_params(None, tiny_overrides(tiny_data) + PRUNE + curve)
+    summary = run_prune(params, dense, tmp_path / "p", log=lambda m: None)
+    step = summary["steps"][0]
+    assert step["curves"]["ratios"] == [0.25, 0.5, 0.75] and abs(summary["achieved"] - 0.5) <= 0.01
+    assert [row[1] for row in step["curves"]["increase"]] == [g["mrs"] for g in step["mrs"]["groups"]]
+    assert len(step["curves"]["increase"]) == len(step["groups"])
+    inverse = load_params(None, tiny_overrides(tiny_data) + PRUNE + curve[:-1])
+    run_mrs(inverse, dense, tmp_path / "plain", log=lambda m: None)            # an mrs.json without curves
+    with pytest.raises(MrpfError, match="measured with other curve_ratios"):
+        run_prune(params, dense, tmp_path / "q", log=lambda m: None, mrs_path=tmp_path / "plain" / "mrs.json")
+    run_mrs(params, dense, tmp_path / "m", log=lambda m: None)
+    reused = run_prune(params, dense, tmp_path / "r", log=lambda m: None, mrs_path=tmp_path / "m" / "mrs.json")
+    assert reused["steps"][0]["ratios"] == step["ratios"]
