@@ -68,6 +68,18 @@ def _finetune_epochs(folder: Path) -> int | None:
     return sum(int(step.get("finetune", {}).get("epochs", 0)) for step in read_json(path).get("steps", []))
 
 
+def _costs(folder: Path) -> dict:
+    """Seconds of a run: the dense model's training (train_metrics.json); a pruned run's
+    scoring (MRS, curves, scores and budget solve) and fine-tuning over all steps (prune.json)."""
+    if (folder / "train_metrics.json").is_file():
+        return {"train_seconds": read_json(folder / "train_metrics.json").get("train_seconds")}
+    if not (folder / "prune.json").is_file():
+        return {}
+    steps = read_json(folder / "prune.json").get("steps", [])
+    return {"scoring_seconds": sum(s.get("scoring_seconds", 0.0) for s in steps),
+            "finetune_seconds": sum(s.get("finetune", {}).get("train_seconds", 0.0) for s in steps)}
+
+
 def collect(config: dict, results: str | Path, log=print) -> list[dict]:
     """One row per evaluated model of the active grid (dense first): its metrics, its
     per-image outcomes (``outcomes``, not written out) and, for pruned runs, the paired
@@ -78,6 +90,7 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
     results = Path(results)
     _, grid = workflow.active_grid(config)
     runs = workflow.pruned_runs(grid)
+    baseline_of = workflow.baseline_tags(grid)
     rows = []
     for cell in workflow.cells(config):
         table = []
@@ -88,7 +101,8 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
             row = dict(cell, run=name, method="dense" if run is None else run.pm,
                        sparsity=0.0 if run is None else float(run.sparsity),
                        seed=None if run is None else run.seed, tag=None if run is None else run.tag,
-                       finetune_epochs=None if run is None else _finetune_epochs(folder), outcomes={})
+                       finetune_epochs=None if run is None else _finetune_epochs(folder), outcomes={},
+                       overrides=() if run is None else run.overrides)
             table.append(row)
             if not (folder / "eval.json").is_file():
                 log(f"report: no {folder / 'eval.json'} yet; row left empty")
@@ -96,6 +110,7 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
             metrics = read_json(folder / "eval.json")
             row.update({f"{a}_acc": metrics.get(f"{a}_acc") for a, _ in ATTACKS}, params=metrics["params"],
                        macs=metrics["macs"], pgd_steps=metrics.get("pgd_steps"))
+            row.update(_costs(folder))
             if run is None:
                 dense_macs = metrics["macs"]
             row["reduction"] = 1 - metrics["macs"] / dense_macs if dense_macs else None
@@ -103,8 +118,12 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
                 with np.load(folder / "eval_per_image.npz") as npz:
                     row["outcomes"] = {k: npz[k] for k in npz.files}
         by_key = {(r["method"], r["sparsity"], r["seed"], r["tag"]): r for r in table}
+        train_seconds = table[0].get("train_seconds")
         for row in table:
-            base = by_key.get((BASELINE, row["sparsity"], row["seed"], row["tag"]))
+            row["baseline_tag"] = baseline_of.get(row["tag"])
+            if train_seconds and row.get("scoring_seconds") is not None:
+                row["scoring_share"] = row["scoring_seconds"] / train_seconds
+            base = by_key.get((BASELINE, row["sparsity"], row["seed"], row["baseline_tag"]))
             if row["method"] not in ("dense", BASELINE) and base is not None:
                 mine, theirs = row["outcomes"].get("pgd"), base["outcomes"].get("pgd")
                 if mine is not None and theirs is not None:
@@ -127,17 +146,23 @@ def seed_groups(rows: list[dict]) -> list[dict]:
     out = []
     for (dataset, arch, tm, method, sparsity, tag), members in groups.items():
         group = dict(dataset=dataset, arch=arch, tm=tm, method=method, sparsity=sparsity, tag=tag,
+                     baseline_tag=members[0]["baseline_tag"],
                      seeds=[m["seed"] for m in members], reduction=spread([m["reduction"] for m in members])["mean"])
-        base = {m["seed"]: m for m in groups.get((dataset, arch, tm, BASELINE, sparsity, tag), [])}
+        base = {m["seed"]: m for m in groups.get((dataset, arch, tm, BASELINE, sparsity,
+                                                   members[0]["baseline_tag"]), [])}
+        main = {m["seed"]: m for m in groups.get((dataset, arch, tm, method, sparsity, None), [])} if tag else {}
+        group["scoring_share"] = spread([m["scoring_share"] for m in members if m.get("scoring_share") is not None]
+                                        or [math.nan])["mean"]
         for attack, _ in ATTACKS:
             values = [m[f"{attack}_acc"] for m in members if m.get(f"{attack}_acc") is not None]
             if values:
                 group[attack] = spread(values)
-            paired = [(m["outcomes"][attack], base[m["seed"]]["outcomes"][attack]) for m in members
-                      if m["seed"] in base and attack in m["outcomes"] and attack in base[m["seed"]]["outcomes"]]
-            if method != BASELINE and paired:
-                group[f"delta_{attack}"] = seed_image_difference(np.stack([a for a, _ in paired]),
-                                                                 np.stack([b for _, b in paired]))
+            for key, others in (("delta", base if method != BASELINE else {}), ("delta_main", main)):
+                paired = [(m["outcomes"][attack], others[m["seed"]]["outcomes"][attack]) for m in members
+                          if attack in m["outcomes"] and attack in others.get(m["seed"], {}).get("outcomes", {})]
+                if paired:
+                    group[f"{key}_{attack}"] = seed_image_difference(np.stack([a for a, _ in paired]),
+                                                                     np.stack([b for _, b in paired]))
         out.append(group)
     return out
 
@@ -173,6 +198,23 @@ def _seeds(n: int) -> str:
     return f"{n} seed" + ("s" if n > 1 else "")
 
 
+def _with_seeds(d: dict | None) -> str:
+    return _interval(d) + (f" ({_seeds(d['seeds'])})" if d else "")
+
+
+def _block(group: dict) -> str:
+    """A group's block: its tag, and the uniform_l1 runs it is compared with where those differ."""
+    if not group["tag"]:
+        return "—"
+    if group["method"] != BASELINE and group["baseline_tag"] != group["tag"]:
+        return f"{group['tag']} (vs {BASELINE} {group['baseline_tag'] or 'main'})"
+    return group["tag"]
+
+
+def _seconds(value) -> str:
+    return "—" if value is None else f"{value:.0f}"
+
+
 def _table(out: io.StringIO, headers: list[str], body: list[list[str]]) -> None:
     from tabulate import tabulate
 
@@ -197,7 +239,8 @@ def summary_markdown(rows: list[dict], grid_name: str) -> str:
                                                                             for r in table)]
         out.write(f"\n## {' · '.join(panel)}\n\n### Runs\n\n")
         headers = (["run", "method", "sparsity", "seed", "FT epochs"] + [h for _, h in attacks]
-                   + ["params", "MACs", "reduction", f"Δ {pgd} vs {BASELINE}"])
+                   + ["params", "MACs", "reduction", f"Δ {pgd} vs {BASELINE}", "scoring s (% of dense training)",
+                      "training s"])
         body = [[r["run"], r["method"], "—" if r["method"] == "dense" else f"{r['sparsity']:g}",
                  "—" if r["seed"] is None else str(r["seed"]),
                  "—" if r["finetune_epochs"] is None else str(r["finetune_epochs"])]
@@ -205,19 +248,27 @@ def summary_markdown(rows: list[dict], grid_name: str) -> str:
                 + [f"{r['params'] / 1e6:.3f} M" if r.get("params") else "—",
                    f"{r['macs'] / 1e6:.1f} M" if r.get("macs") else "—",
                    _pct(r.get("reduction")) if r["method"] != "dense" else "—",
-                   "(baseline)" if r["method"] == BASELINE else _interval(r.get("delta_pgd"))]
+                   "(baseline)" if r["method"] == BASELINE and r["tag"] == r.get("baseline_tag")
+                   else _interval(r.get("delta_pgd")),
+                   "—" if r.get("scoring_seconds") is None else
+                   f"{r['scoring_seconds']:.0f} ({_pct(r.get('scoring_share'))} %)",
+                   _seconds(r.get("train_seconds", r.get("finetune_seconds")))]
                 for r in table]
         _table(out, headers, body)
         mine = [g for g in groups if (g["dataset"], g["arch"], g["tm"]) == panel]
         if any(len(g["seeds"]) > 1 for g in mine):
             out.write("\n### Over fine-tuning seeds\n\n")
+            tagged = any(g["tag"] for g in mine)
             headers = (["method", "sparsity", "block", "seeds"] + [f"{h} mean ± sd" for _, h in attacks]
-                       + [f"Δ {h} vs {BASELINE} [95 % CI]" for _, h in attacks])
-            body = [[g["method"], f"{g['sparsity']:g}", g["tag"] or "—", ",".join(str(s) for s in g["seeds"])]
+                       + [f"Δ {h} vs {BASELINE} [95 % CI]" for _, h in attacks]
+                       + ([f"Δ {h} vs the method's main runs" for _, h in attacks] if tagged else [])
+                       + ["scoring % of dense training"])
+            body = [[g["method"], f"{g['sparsity']:g}", _block(g), ",".join(str(s) for s in g["seeds"])]
                     + [_mean_sd(g.get(a)) for a, _ in attacks]
-                    + ["(baseline)" if g["method"] == BASELINE else _interval(g.get(f"delta_{a}"))
-                       + (f" ({_seeds(g[f'delta_{a}']['seeds'])})" if g.get(f"delta_{a}") else "")
+                    + ["(baseline)" if g["method"] == BASELINE else _with_seeds(g.get(f"delta_{a}"))
                        for a, _ in attacks]
+                    + ([_with_seeds(g.get(f"delta_main_{a}")) for a, _ in attacks] if tagged else [])
+                    + [_pct(g.get("scoring_share"))]
                     for g in sorted(mine, key=lambda g: (g["tag"] or "", g["sparsity"], g["method"] != BASELINE,
                                                          g["method"]))]
             _table(out, headers, body)
@@ -232,11 +283,16 @@ def summary_markdown(rows: list[dict], grid_name: str) -> str:
     return out.getvalue()
 
 
+def _beyond_length(overrides: tuple[str, ...]) -> list[str]:
+    """A run's overrides other than its fine-tuning length and its evaluation."""
+    return [o for o in overrides if not o.startswith(("prune.finetune_epochs=", "prune.final_epochs=", "evaluate."))]
+
+
 def finetune_curve(table: list[dict]) -> list[dict]:
     """Runs of one seed that differ only in their fine-tuning epochs (at least two lengths
     of the same method and sparsity), sorted by method, sparsity and epochs."""
     evaluated = [r for r in table if r["method"] != "dense" and r.get("pgd_acc") is not None
-                 and r["finetune_epochs"] is not None]
+                 and r["finetune_epochs"] is not None and not _beyond_length(r["overrides"])]
     lengths: dict[tuple, set] = {}
     for r in evaluated:
         lengths.setdefault((r["method"], r["sparsity"], r["seed"]), set()).add(r["finetune_epochs"])

@@ -105,7 +105,8 @@ CELL_FIELDS = {"data": ("dataset",), "train": ("dataset", "arch", "tm"), "mrs": 
                "report": ()}
 MRS_REUSE = "mrpf"   # the pruning method whose first step reads the mrs stage's mrs.json (same MRS settings)
 RUN_NAME = r"[a-z_0-9]+-0\.[0-9]+(?:-s[0-9]+)?(?:-[a-z0-9]+)?"   # PrunedRun.name (Snakemake's wildcards)
-_MRS_KEYS = ("mrs.", "attack.", "data.calibration_size", "data.val_size")   # overrides that change the MRS
+_MRS_KEYS = ("mrs.", "attack.", "data.calibration_size", "data.val_size",   # overrides that change what
+             "prune.allocation")                                             # step 1 measures
 
 
 @dataclasses.dataclass
@@ -170,7 +171,7 @@ def pruned_runs(grid: dict) -> list[PrunedRun]:
     """The grid's pruned runs: prune_methods x sparsities x seeds, then each ``extra_runs``
     block's own product (its seeds default to the grid's); names must not repeat."""
     runs: dict[str, PrunedRun] = {}
-    for block in [grid] + list(grid.get("extra_runs") or []):
+    for block in blocks(grid):
         seeds = block.get("seeds", grid.get("seeds")) or [None]
         overrides = tuple(_override_text("", block.get("params") or {})) if block is not grid else ()
         for pm, sparsity, seed in itertools.product(block["prune_methods"], block["sparsities"], seeds):
@@ -180,6 +181,23 @@ def pruned_runs(grid: dict) -> list[PrunedRun]:
                 raise MrpfError(f"grid: pruned run {run.name} is listed twice (give the extra_runs block a tag)")
             runs[run.name] = run
     return list(runs.values())
+
+
+def blocks(grid: dict) -> list[dict]:
+    """The grid's own block (prune_methods x sparsities x seeds), then its extra_runs."""
+    return [grid] + list(grid.get("extra_runs") or [])
+
+
+def baseline_tags(grid: dict) -> dict:
+    """For each block's tag, the tag of the uniform_l1 runs its runs are compared with: the
+    block's ``baseline_tag`` if given, else its own tag where the block prunes uniform_l1 too,
+    else the grid's own runs (None)."""
+    out: dict = {None: None}
+    for block in blocks(grid)[1:]:
+        tag = block.get("tag")
+        own = tag if "uniform_l1" in block["prune_methods"] else None
+        out.setdefault(tag, block.get("baseline_tag", own))
+    return out
 
 
 def grid_sparsities(grid: dict) -> list[str]:

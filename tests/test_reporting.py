@@ -15,7 +15,9 @@ from mrpf.statistics import seed_image_difference
 GRID = {"datasets": ["cifar10"], "archs": ["vgg11_w8"], "train_methods": ["pgd_at"],
         "prune_methods": ["mrpf", "uniform_l1"], "sparsities": [0.9], "seeds": [0, 1, 2],
         "extra_runs": [{"prune_methods": ["mrpf", "uniform_l1"], "sparsities": [0.9], "seeds": [0], "tag": "ft2",
-                        "params": {"prune": {"final_epochs": 2}}}]}
+                        "params": {"prune": {"final_epochs": 2}}},
+                       {"prune_methods": ["mrpf"], "sparsities": [0.9], "seeds": [0, 1], "tag": "lc",
+                        "params": {"prune": {"allocation": "loss_curve"}}}]}
 IMAGES = 400
 
 
@@ -74,3 +76,16 @@ def test_finetune_curve_lists_each_length_of_seed_0(report):
     assert csv[0].startswith("dataset,arch,tm,run,method,sparsity,seed,tag,finetune_epochs")
     assert len(csv) == 1 + 1 + len(workflow.pruned_runs(GRID))
     assert (folder / "robustness.png").stat().st_size > 10_000
+
+
+def test_a_block_without_uniform_l1_is_compared_with_the_main_runs(report):
+    folder, rows, outcomes = report
+    summary = (folder / "summary.md").read_text()
+    line = next(x for x in summary.splitlines() if x.startswith("| mrpf ") and "lc (vs uniform_l1 main)" in x)
+    mine = np.stack([outcomes[f"mrpf-0.9-s{s}-lc"]["pgd"] for s in (0, 1)])
+    uniform = np.stack([outcomes[f"uniform_l1-0.9-s{s}"]["pgd"] for s in (0, 1)])
+    main = np.stack([outcomes[f"mrpf-0.9-s{s}"]["pgd"] for s in (0, 1)])
+    for d in (seed_image_difference(mine, uniform), seed_image_difference(mine, main)):
+        assert f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] (2 seeds)" in line, line
+    row = next(r for r in rows if r["run"] == "mrpf-0.9-s1-lc")
+    assert row["delta_pgd"] == pytest.approx(seed_image_difference(mine[1:], uniform[1:]))
