@@ -183,6 +183,7 @@ def test_mrpf_reuses_the_mrs_stage_result_and_refuses_one_of_other_settings(tiny
         run_prune(other, dense, tmp_path / "other", log=lambda m: None, mrs_path=tmp_path / "m" / "mrs.json")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["uniform_l1", "mrpf"])
 def test_rslad_fine_tunes_the_pruned_student_from_the_unchanged_dense_teacher(tiny_data, dense, tmp_path, method,
                                                                              monkeypatch):
