@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     _workflow_args(p, "reports", "where the report goes")
     p.add_argument("--results", default="results", metavar="DIR", help="the pipeline's results folder")
 
+    p = verbs.add_parser("export", help="a checkpoint as ONNX and torch.export (.pt2) files that load without mrpf",
+                         description="Write OUT/model.onnx (ONNX Runtime), OUT/model.pt2 (torch.export.load) and "
+                                     "OUT/export.json (input spec, logit parity with mrpf's model). Input: images "
+                                     "in [0, 1], (N, 3, H, W), float32, any N; normalisation is inside.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a dense or pruned mrpf checkpoint")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the exported files")
+
     p = verbs.add_parser("dvcyaml", help="write dvc.yaml for the active grid (the DVC side of the pipeline)",
                          description="Expand the params file's active grid into dvc.yaml: the same stages, "
                                      "commands and outputs as the Snakefile's (mrpf/workflow.py).")
@@ -166,6 +173,11 @@ def run(argv: list[str] | None = None) -> int:
 
         rows = write_report(_workflow_config(args), args.results, args.out, log=_log)
         _log(f"wrote {Path(args.out) / 'summary.md'} ({len(rows)} rows), robustness.csv and robustness.png")
+        return 0
+    if args.verb == "export":
+        from .export import export
+
+        export(args.checkpoint, args.out, log=_log)
         return 0
     if args.verb == "dvcyaml":
         import yaml
