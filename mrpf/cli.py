@@ -33,6 +33,13 @@ def _sparsities(text: str) -> list[float]:
     return values
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
 def _common(p: argparse.ArgumentParser, run: bool = True) -> None:
     p.add_argument("--params", metavar="FILE",
                    help="params YAML (default: ./params.yaml if present, else built-in defaults)")
@@ -103,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      "OUT/summary.md, OUT/robustness.csv and OUT/robustness.png.")
     _workflow_args(p, "reports", "where the report goes")
     p.add_argument("--results", default="results", metavar="DIR", help="the pipeline's results folder")
+
+    p = verbs.add_parser("import", help="a torchvision / timm model's state dict from elsewhere as an mrpf checkpoint",
+                         description="Write RUNS_DIR/NAME/checkpoint.pt (a dense mrpf checkpoint of ARCH with the "
+                                     "given weights; prefixes such as module. stripped) and evaluate it "
+                                     "(RUNS_DIR/NAME/eval.json). Every later verb accepts the checkpoint.")
+    _common(p)
+    p.add_argument("--arch", required=True, metavar="NAME", help="tv:NAME or timm:NAME (or a registry name)")
+    p.add_argument("--weights", required=True, metavar="PATH", help="state dict saved by torch.save")
+    p.add_argument("--mean", type=_floats, metavar="R,G,B", help="input normalisation mean (default: the file's, "
+                                                                 "else the dataset's)")
+    p.add_argument("--std", type=_floats, metavar="R,G,B", help="input normalisation std (with --mean)")
 
     p = verbs.add_parser("export", help="a checkpoint as ONNX and torch.export (.pt2) files that load without mrpf",
                          description="Write OUT/model.onnx (ONNX Runtime), OUT/model.pt2 (torch.export.load) and "
@@ -213,6 +231,13 @@ def run(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else run_dir / "eval.json"
         evaluate(params, checkpoint, out, log=_log)
         _log(f"wrote {out}")
+    elif args.verb == "import":
+        from .evaluation import evaluate
+        from .importing import import_model
+
+        import_model(params, args.arch, args.weights, run_dir, log=_log, mean=args.mean, std=args.std)
+        metrics = evaluate(params, run_dir / "checkpoint.pt", run_dir / "eval.json", log=_log)
+        _log(f"wrote {run_dir / 'eval.json'} (clean {metrics.get('clean_acc', float('nan')):.4f})")
     elif args.verb == "mrs":
         from .sensitivity import run_mrs
 
