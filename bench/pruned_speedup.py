@@ -11,6 +11,9 @@ the weights, only on the channel counts, so any pruned checkpoint of the dense m
 
 ``--per-layer`` adds, per model, each convolution's MACs and median forward time (timed by
 module hooks, the GPU synchronised around each), to show which layers the time stays in.
+``--onnx`` also exports each model (``mrpf export``) and times it in ONNX Runtime (CPU; the
+CUDA provider where the device is CUDA and ORT has it), in the same interleaved rounds: the
+speedup where a pruned model is deployed.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -62,6 +67,33 @@ def per_layer(model: torch.nn.Module, size: int, runtime, batch: int, repeats: i
     return [{"layer": name, "macs": macs[name], "ms": statistics.median(times[name][3:])} for name, _ in convs]
 
 
+def onnx_session(checkpoint: Path, folder: Path, device: str):
+    """An ONNX Runtime session of the exported checkpoint (CUDA provider on a CUDA device if ORT has it)."""
+    import onnxruntime as ort
+
+    from mrpf.export import ONNX_FILE, export
+
+    export(checkpoint, folder, log=lambda m: None)
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(folder / ONNX_FILE), providers=providers)
+
+
+def onnx_latency_ms(session, size: int, batch: int, repeats: int) -> float:
+    """Median time (ms) of one ONNX Runtime run on a batch, after two warm-up runs."""
+    x = torch.rand(batch, 3, size, size).numpy()
+    name = session.get_inputs()[0].name
+    for _ in range(2):
+        session.run(None, {name: x})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, {name: x})
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dense", default="runs/core-acceptance/checkpoint.pt")
@@ -73,6 +105,7 @@ def main() -> None:
     p.add_argument("--cuda-graphs", choices=["on", "off"], default="on",
                    help="on CUDA: time the forward pass replayed from a CUDA graph (mrpf's default) or eagerly")
     p.add_argument("--per-layer", action="store_true", help="also each convolution's MACs and time, per model")
+    p.add_argument("--onnx", action="store_true", help="also time each model exported to ONNX in ONNX Runtime")
     p.add_argument("--name", default=None, help="results file name (default: pruned-speedup-DEVICE)")
     args = p.parse_args()
     runtime = setup(DeviceParams(name=args.device, channels_last=True, bf16=False,
@@ -85,10 +118,16 @@ def main() -> None:
                      f"or pass --dense / --pruned)")
         model, state = load_model(path, runtime)
         models[path] = (model, state["arch"]["input_size"])
+    scratch = tempfile.TemporaryDirectory()
+    sessions = {path: onnx_session(path, Path(scratch.name) / str(i), args.device)
+                for i, path in enumerate(paths)} if args.onnx else {}
     times = {path: [] for path in paths}
+    onnx_times = {path: [] for path in sessions}
     for _ in range(args.rounds):      # interleaved rounds: drift in machine speed hits every model
         for path, (model, size) in models.items():
             times[path].append(latency_ms(model, size, runtime, args.batch, args.repeats))
+            if path in sessions:
+                onnx_times[path].append(onnx_latency_ms(sessions[path], size, args.batch, args.repeats))
     dense_path = paths[0]
     dense_ms = statistics.median(times[dense_path])
     dense_macs = count_ops(models[dense_path][0], models[dense_path][1])["macs"]
@@ -99,8 +138,15 @@ def main() -> None:
         speedup, macs_ratio = dense_ms / ms, dense_macs / macs
         rows.append({"model": str(path.relative_to(ROOT).parent), "latency_ms": ms, "macs": macs,
                      "speedup": speedup, "macs_ratio": macs_ratio, "speedup_over_macs_ratio": speedup / macs_ratio})
+        if sessions:
+            onnx_speedup = statistics.median(onnx_times[dense_path]) / statistics.median(onnx_times[path])
+            rows[-1].update(onnx_latency_ms=statistics.median(onnx_times[path]), onnx_speedup=onnx_speedup,
+                            onnx_speedup_over_macs_ratio=onnx_speedup / macs_ratio)
     result = {"batch": args.batch, "cuda_graphs": args.device.startswith("cuda") and args.cuda_graphs == "on",
               "dense": {"latency_ms": dense_ms, "macs": dense_macs}, "pruned": rows}
+    if sessions:
+        result["dense"]["onnx_latency_ms"] = statistics.median(onnx_times[dense_path])
+        result["onnx_providers"] = sessions[dense_path].get_providers()
     if args.per_layer:
         result["layers"] = {str(path.relative_to(ROOT).parent):
                             per_layer(model, size, runtime, args.batch, args.repeats)
