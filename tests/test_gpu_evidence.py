@@ -25,7 +25,7 @@ def test_gpu_evidence_script_runs_every_step_on_the_cpu(tmp_path):
     write_shard(data / "cifar10-test-000000.tar.gz", x[600:], y[600:])
     env = dict(os.environ, GPU_EVIDENCE_SMOKE="1", GPU_EVIDENCE_DATA=str(data), GPU_EVIDENCE_WORK=str(tmp_path / "w"),
                OMP_NUM_THREADS="2")
-    done = subprocess.run(["bash", "bench/gpu_evidence.sh", "400"], cwd=ROOT, env=env, capture_output=True,
+    done = subprocess.run(["bash", "bench/gpu_evidence.sh", "150"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "w/gpu-evidence-cpu-smoke.json").read_text())
