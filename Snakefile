@@ -2,6 +2,7 @@
 # The plan (stages, paths, commands) lives in mrpf/workflow.py and is shared with dvc.yaml;
 # the rules here only call `mrpf` verbs. See README.md, "The pipeline".
 import os
+import re
 from pathlib import Path
 
 from mrpf import workflow as plan
@@ -19,6 +20,10 @@ RUNTIME = GRID_SPEC.get("runtime_min", {})
 MEM_MB = GRID_SPEC.get("mem_mb", 4000)
 THREADS = GRID_SPEC.get("threads", {})                # CPU threads per job (capped at --cores locally)
 ROOT = plan.root(GRID_SPEC)                           # the grid's `out` folder ('' = here): logs go there too
+# dense models of the grid's `imported` archs come from `mrpf import`, the others from `mrpf train`
+IMPORTED = "|".join(re.escape(name) for name in plan.imported(GRID_SPEC)) or "(?!)"
+IMPORTED_ARCH = f"(?:{IMPORTED})"
+TRAINED_ARCH = f"(?!(?:{IMPORTED})/)[A-Za-z0-9_.:]+"     # arch is followed by / in every path
 
 
 def cmd(stage):

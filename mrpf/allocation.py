@@ -1,4 +1,4 @@
-"""Budget allocation: per-group pruning ratios from MRS under a global MACs or parameter budget.
+"""Budget allocation: per-group pruning ratios from MRS under a global MACs, parameter or latency budget.
 
 DESIGN / docs/method.md: minimise sum_g MRS_g^alpha (r_g / rho)^2 subject to the achieved
 reduction = S, 0 <= r_g <= r_max. The optimum has the form
@@ -28,13 +28,15 @@ import torch
 import torch.nn as nn
 
 from . import groups as groups_mod
+from .config import BUDGET_METRICS
 from .errors import MrpfError
-from .models import count_ops
+from .latency import LatencyTable, budget_counts
 
 
 def group_costs(model: nn.Module, groups: list[groups_mod.Group], input_size: int, metric: str) -> list[float]:
     """Per-channel cost of each group in the budget metric, from layer shapes (an estimate that
-    only shapes the allocation; the budget itself is met on measured counts)."""
+    only shapes the allocation; the budget itself is met on measured counts). Latency is
+    estimated by MACs here; the budget search then meets it on the latency table."""
     shapes: dict[nn.Module, tuple] = {}
     hooks = [m.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, tuple(o.shape)))
              for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -62,7 +64,7 @@ def group_costs(model: nn.Module, groups: list[groups_mod.Group], input_size: in
                 per = fan * k
             else:
                 per = m.in_features if is_out else m.out_features
-            total += per * (spatial if metric == "macs" else 1)
+            total += per * (1 if metric == "params" else spatial)
         costs.append(max(total, 1.0))
     return costs
 
@@ -180,14 +182,16 @@ def apply_ratios(pruned: nn.Module, input_size: int, num_classes: int, ratios: l
 
 
 def check_reachable(model: nn.Module, input_size: int, num_classes: int, budget: float, metric: str,
-                    r_max: float, dense: dict | None = None, round_to: int = 1) -> float:
+                    r_max: float, dense: dict | None = None, round_to: int = 1,
+                    table: LatencyTable | None = None) -> float:
     """Fail fast (before any MRS or fine-tuning) when pruning every group to ``r_max``
-    cannot remove ``budget`` of the dense ``metric``; return that largest reduction."""
-    dense = dense or count_ops(model, input_size)
+    cannot remove ``budget`` of the dense ``metric``; return that largest reduction.
+    ``table``: the latency table, for ``metric`` latency."""
+    dense = dense or budget_counts(model, input_size, table)
     graph, found = groups_mod.find_groups(model, input_size, num_classes)
     caps = [removal_cap(g.channels, g.channels, r_max) for g in found]
     pruned, _ = prune_copy(model, input_size, num_classes, [r_max] * len(found), round_to, caps)
-    most = 1 - count_ops(pruned, input_size)[metric] / dense[metric]
+    most = 1 - budget_counts(pruned, input_size, table)[metric] / dense[metric]
     if most < budget:
         raise MrpfError(f"a {budget:.0%} {metric} reduction is out of reach: pruning every group to "
                         f"r_max={r_max} removes {most:.1%}")
@@ -197,21 +201,24 @@ def check_reachable(model: nn.Module, input_size: int, num_classes: int, budget:
 def solve(model: nn.Module, groups: list[groups_mod.Group], mrs: list[float], *, input_size: int, num_classes: int,
           budget: float, metric: str = "macs", alpha: float = 1.0, r_max: float = 0.9, cost_aware: bool = True,
           dense: dict | None = None, iterations: int = 30, round_to: int = 1,
-          dense_channels: list[int] | None = None, curves: list[LossCurve] | None = None) -> dict:
+          dense_channels: list[int] | None = None, curves: list[LossCurve] | None = None,
+          table: LatencyTable | None = None) -> dict:
     """Per-group ratios whose pruned model removes ``budget`` of the dense model's ``metric``.
 
     ``dense``: counts of the reference model the budget is relative to (default: ``model``);
     ``dense_channels``: each group's dense width, against which ``r_max`` holds (default: now);
     ``curves``: one ``LossCurve`` per group for the loss-curve rule (then ``mrs`` and ``alpha``
-    are not used).
+    are not used); ``table``: the latency table, for ``metric`` latency.
     Returns ``{"ratios", "caps", "lambda", "achieved", "counts"}`` (``caps``: channels each group
     may lose, for ``apply_ratios``).
     """
     if not 0 < budget < 1:
         raise MrpfError(f"sparsity must lie in (0, 1), got {budget}")
-    if metric not in ("macs", "params"):
-        raise MrpfError(f"budget.metric: unknown metric {metric!r} (macs or params)")
-    dense = dense or count_ops(model, input_size)
+    if metric not in BUDGET_METRICS:
+        raise MrpfError(f"prune.metric: unknown metric {metric!r} ({', '.join(BUDGET_METRICS)})")
+    if metric == "latency" and table is None:
+        raise MrpfError("prune.metric latency needs a latency table (mrpf.latency.table_for)")
+    dense = dense or budget_counts(model, input_size, table)
     costs = group_costs(model, groups, input_size, metric)
     total = sum(c * g.channels for c, g in zip(costs, groups))
     weights = [c * g.channels / total for c, g in zip(costs, groups)] if cost_aware else [1.0] * len(groups)
@@ -228,7 +235,7 @@ def solve(model: nn.Module, groups: list[groups_mod.Group], mrs: list[float], *,
     def achieved(lam: float) -> tuple[float, list[float], dict]:
         ratios = rule(lam)
         pruned, _ = prune_copy(model, input_size, num_classes, ratios, round_to, caps)
-        counts = count_ops(pruned, input_size)
+        counts = budget_counts(pruned, input_size, table)
         return 1 - counts[metric] / dense[metric], ratios, counts
 
     if curves is None:   # the smallest lambda at which every group reaches its cap

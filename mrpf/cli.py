@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean", type=_floats, metavar="R,G,B", help="input normalisation mean (default: the file's, "
                                                                  "else the dataset's)")
     p.add_argument("--std", type=_floats, metavar="R,G,B", help="input normalisation std (with --mean)")
+    p.add_argument("--no-evaluate", dest="evaluate", action="store_false",
+                   help="only write the checkpoint (the pipeline's evaluate stage evaluates it)")
 
     p = verbs.add_parser("export", help="a checkpoint as ONNX and torch.export (.pt2) files that load without mrpf",
                          description="Write OUT/model.onnx (ONNX Runtime), OUT/model.pt2 (torch.export.load) and "
@@ -236,8 +238,9 @@ def run(argv: list[str] | None = None) -> int:
         from .importing import import_model
 
         import_model(params, args.arch, args.weights, run_dir, log=_log, mean=args.mean, std=args.std)
-        metrics = evaluate(params, run_dir / "checkpoint.pt", run_dir / "eval.json", log=_log)
-        _log(f"wrote {run_dir / 'eval.json'} (clean {metrics.get('clean_acc', float('nan')):.4f})")
+        if args.evaluate:
+            metrics = evaluate(params, run_dir / "checkpoint.pt", run_dir / "eval.json", log=_log)
+            _log(f"wrote {run_dir / 'eval.json'} (clean {metrics.get('clean_acc', float('nan')):.4f})")
     elif args.verb == "mrs":
         from .sensitivity import run_mrs
 

@@ -31,7 +31,7 @@ MRS_SIGNALS = ("robust", "clean")
 ALLOCATION_METHODS = ("mrpf", "mrpf_clean", "uniform_l1")      # per-group ratios by the budget solve
 GLOBAL_METHODS = ("global_magnitude", "taylor_adv", "random")    # one global threshold on channel scores
 PRUNE_METHODS = ALLOCATION_METHODS + GLOBAL_METHODS
-BUDGET_METRICS = ("macs", "params")
+BUDGET_METRICS = ("macs", "params", "latency")
 ALLOCATION_RULES = ("inverse_mrs", "loss_curve")   # how mrpf turns probe results into per-group ratios
 
 
@@ -107,7 +107,7 @@ class MrsParams:                        # Module Robustness Sensitivity (docs/me
 class PruneParams:
     method: str = "mrpf"                # one of PRUNE_METHODS
     sparsity: float = 0.5               # S: fraction of the dense model's budget metric removed
-    metric: str = "macs"                # macs | params
+    metric: str = "macs"                # macs | params | latency (measured table, mrpf/latency.py)
     allocation: str = "inverse_mrs"     # inverse_mrs: r ~ w / MRS^alpha | loss_curve: min predicted loss rise
     alpha: float = 1.0                  # exponent on MRS in the allocation
     r_max: float = 0.9                  # no group loses more than this fraction of its dense channels

@@ -8,7 +8,6 @@ statistics on the same images.
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from .attacks import autoattack, fgsm
 from .config import Params
 from .errors import MrpfError
 from .io import atomic_path, write_json
+from .latency import median_ms
 from .models import count_ops, count_parameters, load_model
 from .objectives import evaluation_adversary
 
@@ -36,25 +36,15 @@ def latency_ms(model: torch.nn.Module, input_size: int, runtime: devices.Runtime
     """
     x = torch.rand(batch, 3, input_size, input_size, device=runtime.device, dtype=dtype).contiguous(
         memory_format=runtime.memory_format)
-    cuda = runtime.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     forward = lambda: model(x)  # noqa: E731
-    with torch.no_grad():
-        if cuda and runtime.cuda_graphs:
+    if runtime.device.type == "cuda" and runtime.cuda_graphs:
+        with torch.no_grad():
             devices.on_side_stream(runtime.device, lambda: [model(x) for _ in range(3)])   # warm-up
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 model(x)
-            forward = graph.replay
-        times = []
-        for i in range(repeats + 3):
-            sync()
-            t0 = time.perf_counter()
-            forward()
-            sync()
-            if i >= 3:
-                times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+        forward = graph.replay
+    return median_ms(forward, runtime.device, repeats)
 
 
 def correct_under(model: torch.nn.Module, images: data_mod.ImageSet, attack, runtime: devices.Runtime,

@@ -23,13 +23,15 @@ import json
 import time
 from pathlib import Path
 
-from . import allocation, devices, scoring
+from . import allocation, devices, latency, scoring
 from . import data as data_mod
 from . import groups as groups_mod
 from .config import ALLOCATION_METHODS, Params
 from .errors import MrpfError
+from .evaluation import latency_ms
 from .io import read_json, remove_stale_temporaries, save_checkpoint, write_json
-from .models import count_ops, load_model
+from .latency import budget_counts
+from .models import load_model
 from .objectives import DISTILLATION, probe_adversary
 from .sensitivity import check_reusable, compute_curves, compute_mrs, loss_curves, mrs_settings
 from .training import train
@@ -44,10 +46,12 @@ def dense_widths(model, arch: dict) -> dict[str, int]:
 
 
 def prune_step(model, arch, params: Params, calibration, runtime, budget, dense, log, *, step: int = 1,
-               widths: dict[str, int] | None = None, dense_mrs: dict | None = None) -> tuple[dict, list]:
+               widths: dict[str, int] | None = None, dense_mrs: dict | None = None,
+               table: latency.LatencyTable | None = None) -> tuple[dict, list]:
     """Prune ``model`` in place to ``budget`` (relative to ``dense`` counts) at pruning step
     ``step``, no group below 1 - r_max of its dense width (``widths``; default: the current
-    ones); ``dense_mrs``: an MRS result of this very model to use instead of measuring it.
+    ones); ``dense_mrs``: an MRS result of this very model to use instead of measuring it;
+    ``table``: the latency table, for ``prune.metric`` latency.
     Return the step record and the pruning history of this step."""
     pp = params.prune
     arch_size, classes = arch["input_size"], arch["num_classes"]
@@ -78,18 +82,18 @@ def prune_step(model, arch, params: Params, calibration, runtime, budget, dense,
                 curves = loss_curves(record["curves"])
         solved = allocation.solve(model, found, mrs, input_size=arch_size, num_classes=classes, budget=budget,
                                   metric=pp.metric, alpha=alpha, r_max=pp.r_max, cost_aware=cost_aware, dense=dense,
-                                  round_to=pp.round_to, dense_channels=dense_channels, curves=curves)
+                                  round_to=pp.round_to, dense_channels=dense_channels, curves=curves, table=table)
         record["ratios"] = solved["ratios"]
         history = allocation.apply_ratios(model, arch_size, classes, solved["ratios"], pp.round_to, solved["caps"])
     else:
         scores = scoring.scores_for(pp.method, model, found, calibration, params, runtime, step)
         caps = [allocation.removal_cap(g.channels, d, pp.r_max) for g, d in zip(found, dense_channels)]
         remove, _ = scoring.global_plan(model, found, scores, budget, pp.metric, caps, arch_size, classes, dense,
-                                        pp.round_to)
+                                        pp.round_to, table)
         record["ratios"] = [len(remove[g.id]) / g.channels for g in found]
         history = groups_mod.prune(graph, found, remove)
     record["scoring_seconds"] = time.perf_counter() - started  # MRS / scores + budget solve
-    counts = count_ops(model, arch_size)
+    counts = budget_counts(model, arch_size, table)
     record.update(counts=counts, achieved=1 - counts[pp.metric] / dense[pp.metric])
     return record, history
 
@@ -132,10 +136,13 @@ def run_prune(params: Params, checkpoint: str | Path, run_dir: str | Path, log=p
     arch = dict(state["arch"])
     arch.setdefault("pruning_history", [])
     splits = data_mod.load_splits(params.data, with_test=False)
-    dense = count_ops(model, arch["input_size"])
+    table = None
+    if pp.metric == "latency":   # measured once per run folder, reused on resume
+        table = latency.table_for(model, arch["input_size"], runtime, params.evaluate.latency_batch, run_dir, log)
+    dense = budget_counts(model, arch["input_size"], table)
     widths = dense_widths(model, arch)
     allocation.check_reachable(model, arch["input_size"], arch["num_classes"], pp.sparsity, pp.metric, pp.r_max,
-                               dense, pp.round_to)
+                               dense, pp.round_to, table)
     dense_mrs = None
     if mrs_path is not None and pp.method == "mrpf":
         dense_mrs = read_json(mrs_path)
@@ -152,7 +159,7 @@ def run_prune(params: Params, checkpoint: str | Path, run_dir: str | Path, log=p
         budget = pp.sparsity * t / pp.steps
         log(f"step {t}/{pp.steps}: {pp.method} to {budget:.1%} {pp.metric} reduction")
         record, history = prune_step(model, arch, params, splits.calibration, runtime, budget, dense, log, step=t,
-                                     widths=widths, dense_mrs=dense_mrs if t == 1 else None)
+                                     widths=widths, dense_mrs=dense_mrs if t == 1 else None, table=table)
         arch["pruning_history"] = arch["pruning_history"] + history
         epochs = pp.finetune_epochs + (pp.final_epochs if t == pp.steps else 0)
         record["finetune"] = train(finetune_params(params, epochs), run_dir / f"step{t}", log, model=model, arch=arch,
@@ -163,6 +170,14 @@ def run_prune(params: Params, checkpoint: str | Path, run_dir: str | Path, log=p
         log(f"step {t}: achieved {record['achieved']:.1%}, val PGD {record['finetune'].get('val_pgd_acc')}")
     summary = {"method": pp.method, "sparsity": pp.sparsity, "metric": pp.metric, "dense": dense,
                "counts": steps[-1]["counts"], "achieved": steps[-1]["achieved"], "steps": steps}
+    if table is not None:   # the table's prediction against the pruned model's measured time
+        dense_model = load_model(checkpoint, runtime)[0]
+        timed = [latency_ms(m.eval(), arch["input_size"], runtime, table.batch, params.evaluate.latency_repeats)
+                 for m in (dense_model, model)]
+        summary["measured_latency_ms"] = {"dense": timed[0], "pruned": timed[1], "batch": table.batch}
+        summary["measured_achieved"] = 1 - timed[1] / timed[0]
+        log(f"latency: predicted {summary['achieved']:.1%} reduction, measured {summary['measured_achieved']:.1%} "
+            f"({timed[0]:.2f} -> {timed[1]:.2f} ms at batch {table.batch})")
     save_checkpoint(run_dir / "checkpoint.pt", arch, model.state_dict(), params=params.to_dict())
     write_json(run_dir / "prune.json", summary)
     for t in range(1, pp.steps + 1):     # done: like training's last.pt, the resume markers go

@@ -27,7 +27,7 @@ from . import groups as groups_mod
 from .config import Params
 from .devices import Runtime
 from .errors import MrpfError
-from .models import count_ops
+from .latency import budget_counts
 from .objectives import probe_adversary
 from .sensitivity import seeded_scope
 
@@ -87,10 +87,11 @@ def scores_for(method: str, model, found, calibration, params: Params, runtime: 
 
 
 def global_plan(model, found, scores, budget, metric, caps, input_size, num_classes, dense,
-                round_to: int = 1) -> tuple[dict, float]:
+                round_to: int = 1, table=None) -> tuple[dict, float]:
     """The k globally lowest-scored channels (at most ``caps[g]`` of group g: the one r_max cap,
     ``allocation.removal_cap``) reaching the budget, each group's count then adjusted by
-    ``allocation.rounded_removal``; returns {group id: channels to remove} and the reduction."""
+    ``allocation.rounded_removal``; returns {group id: channels to remove} and the reduction.
+    ``table``: the latency table, for ``metric`` latency."""
     ranked = sorted((float(s), g.id, c) for g, sc in zip(found, scores) for c, s in enumerate(sc.tolist()))
     by_score = {g.id: [] for g in found}       # each group's channels, lowest score first
     for _, gid, c in ranked:
@@ -109,7 +110,7 @@ def global_plan(model, found, scores, budget, metric, caps, input_size, num_clas
         pruned = copy.deepcopy(model)
         graph, pg = groups_mod.find_groups(pruned, input_size, num_classes)
         groups_mod.prune(graph, pg, plan(k))
-        return 1 - count_ops(pruned, input_size)[metric] / dense[metric]
+        return 1 - budget_counts(pruned, input_size, table)[metric] / dense[metric]
 
     lo, hi = 0, len(ranked)
     if achieved(hi) < budget:

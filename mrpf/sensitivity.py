@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import allocation, devices
+from . import allocation, devices, latency
 from . import data as data_mod
 from . import groups as groups_mod
 from .config import Params, plain
@@ -186,10 +186,13 @@ def run_mrs(params: Params, checkpoint: str | Path, run_dir: str | Path, log=pri
         curves = loss_curves(result["curves"])
     result["seconds"] = time.perf_counter() - started
     ratios, result["allocation"] = {}, []
+    table = None if pp.metric != "latency" else latency.table_for(
+        model, arch["input_size"], runtime, params.evaluate.latency_batch, run_dir, log)
     for sparsity in sparsities or [pp.sparsity]:
         solved = allocation.solve(model, found, [r["mrs"] for r in result["groups"]], input_size=arch["input_size"],
                                   num_classes=arch["num_classes"], budget=sparsity, metric=pp.metric, alpha=pp.alpha,
-                                  r_max=pp.r_max, cost_aware=pp.cost_aware, round_to=pp.round_to, curves=curves)
+                                  r_max=pp.r_max, cost_aware=pp.cost_aware, round_to=pp.round_to, curves=curves,
+                                  table=table)
         ratios[sparsity] = solved["ratios"]
         result["allocation"].append({"sparsity": sparsity, "metric": pp.metric, "achieved": solved["achieved"],
                                      "ratios": solved["ratios"]})

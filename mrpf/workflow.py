@@ -16,12 +16,14 @@ params.yaml holds the hyperparameters (mrpf/config.py) plus two pipeline keys::
           - {prune_methods: [mrpf], sparsities: [0.9], seeds: [0], tag: ft20,     # METHOD-S-sSEED-TAG/
              params: {prune: {final_epochs: 17}}}     # command-line overrides of these runs
         out: experiments/NAME   # optional: the grid's data/ results/ reports/ logs/ live here
+        imported:               # optional: dense models imported (mrpf import), not trained, by arch name
+          rn18_tv: {arch: "tv:resnet18", weights: models/rn18.pth, mean: [...], std: [...]}
         gpus_per_job: 1         # resources: gpu=N of the GPU stages (0 on CPU-only clusters)
         params: {...}           # hyperparameters of this grid (over the top-level sections)
         dataset_params: {svhn: {...}}   # per dataset, over those
 
-``jobs()`` expands the active grid into stages (data, train, evaluate, mrs, prune,
-report) with their command, inputs, outputs, metrics and params. The Snakefile's rules
+``jobs()`` expands the active grid into stages (data, train or import, evaluate, mrs,
+prune, report) with their command, inputs, outputs, metrics and params. The Snakefile's rules
 build their shell commands with ``command()``, and ``dvc_yaml()`` writes dvc.yaml from
 the same plan, so the two engines run the same commands on the same files (a test
 compares what each plans). Output layout (under the grid's ``out`` folder, if it has one)::
@@ -59,6 +61,9 @@ COMMANDS = {
     "data": "mrpf data --params {params_file} grid={grid} --out {root}data/{dataset} data.dataset={dataset}",
     "train": "mrpf train --params {params_file} grid={grid} --runs-dir {root}results "
              "--run {dataset}/{arch}/{tm}/dense " + _DATA + " model.arch={arch} train.method={tm}",
+    "import": "mrpf import --params {params_file} grid={grid} --runs-dir {root}results "
+              "--run {dataset}/{arch}/{tm}/dense --arch {source} --weights {weights} --no-evaluate "
+              + _DATA + "{normalisation}",
     "evaluate": "mrpf evaluate --params {params_file} grid={grid} --runs-dir {root}results "
                 "--run {dataset}/{arch}/{tm}/{model} " + _DATA,
     "mrs": "mrpf mrs --params {params_file} grid={grid} --runs-dir {root}results --run {dataset}/{arch}/{tm}/mrs "
@@ -79,6 +84,7 @@ _FINETUNE = ["prune.steps", "prune.finetune_epochs", "prune.final_epochs", "prun
 STAGE_PARAMS = {
     "data": ["data"],
     "train": ["seed", "model", "attack", "train", "data.augment"] + _SPLITS,
+    "import": ["model.activation"],
     "evaluate": ["seed", "attack", "evaluate"],
     "mrs": ["seed", "attack", "mrs", "prune.sparsity", "prune.metric", "prune.allocation", "prune.alpha",
             "prune.r_max", "prune.cost_aware", "prune.round_to"] + _SPLITS,
@@ -100,7 +106,8 @@ def stage_params(stage: str, method: str | None = None) -> list[str]:
 
 # The fields of each stage's cell (Snakemake wildcards, dvc.yaml foreach keys). A pruned
 # run's method, sparsity and overrides follow from its name (``pruned_runs``).
-CELL_FIELDS = {"data": ("dataset",), "train": ("dataset", "arch", "tm"), "mrs": ("dataset", "arch", "tm"),
+CELL_FIELDS = {"data": ("dataset",), "train": ("dataset", "arch", "tm"), "import": ("dataset", "arch", "tm"),
+               "mrs": ("dataset", "arch", "tm"),
                "prune": ("dataset", "arch", "tm", "run"), "evaluate": ("dataset", "arch", "tm", "model"),
                "report": ()}
 MRS_REUSE = "mrpf"   # the pruning method whose first step reads the mrs stage's mrs.json (same MRS settings)
@@ -200,6 +207,23 @@ def baseline_tags(grid: dict) -> dict:
     return out
 
 
+def imported(grid: dict) -> dict[str, dict]:
+    """The grid's imported dense models by the arch name the grid lists them under."""
+    return dict(grid.get("imported") or {})
+
+
+def import_fields(grid: dict, arch: str) -> dict:
+    """The ``mrpf import`` arguments of an imported arch (its command's and dvc.yaml item's fields)."""
+    spec = imported(grid)[arch]
+    norm = "".join(f" --{k} {','.join(str(v) for v in spec[k])}" for k in ("mean", "std") if spec.get(k))
+    return {"source": spec["arch"], "weights": spec["weights"], "normalisation": norm}
+
+
+def dense_stage(grid: dict, arch: str) -> str:
+    """Where a cell's dense model comes from: ``import`` for the grid's imported archs, else ``train``."""
+    return "import" if arch in imported(grid) else "train"
+
+
 def grid_sparsities(grid: dict) -> list[str]:
     """Every sparsity a grid prunes to, ascending (the mrs stage charts each)."""
     return sorted({run.sparsity for run in pruned_runs(grid)}, key=float)
@@ -219,6 +243,8 @@ def command(stage: str, params_file: str, grid_name: str, grid: dict, cell: dict
                   sparsities=",".join(grid_sparsities(grid)),
                   ft=((grid.get("params") or {}).get("prune") or {}).get("finetune_method") or cell.get("tm"))
     run = None
+    if stage == "import" and cell["arch"] in imported(grid):
+        fields = dict(import_fields(grid, cell["arch"]), **fields)
     if stage in ("prune", "evaluate"):
         name = cell["run"] if stage == "prune" else cell["model"]
         run = {r.name: r for r in pruned_runs(grid)}.get(name)
@@ -266,6 +292,10 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA, source: str 
             pruned_runs(grid)
         except MrpfError as e:
             raise MrpfError(f"{source}: grids.{grid_name}.{e}") from None
+        for name in imported(grid):
+            if name not in grid["archs"]:
+                raise MrpfError(f"{source}: grids.{grid_name}.imported.{name}: not one of the grid's archs "
+                                f"({', '.join(grid['archs'])})")
 
 
 def active_grid(config: dict) -> tuple[str, dict]:
@@ -330,6 +360,9 @@ def job(stage: str, cell: dict, grid: dict) -> Job:
     if stage == "train":
         return Job("train", cell, list(data), [f"{dense}/checkpoint.pt"], metrics=[f"{dense}/train_metrics.json"],
                    plots=[f"{dense}/history.csv"])
+    if stage == "import":
+        weights = cell.get("weights") or imported(grid).get(cell["arch"], {}).get("weights")
+        return Job("import", cell, data + ([weights] if weights else []), [f"{dense}/checkpoint.pt"])
     if stage == "mrs":
         mrs = run_dir(grid, **base, model="mrs")
         return Job("mrs", cell, data + [f"{dense}/checkpoint.pt"], [], kept=[f"{mrs}/mrs.json", f"{mrs}/mrs.png"])
@@ -355,7 +388,8 @@ def jobs(config: dict) -> list[Job]:
     runs = pruned_runs(grid)
     report_deps: list[str] = []
     for c in cells(config):
-        plan.append(job("train", c, grid))
+        stage = dense_stage(grid, c["arch"])
+        plan.append(job(stage, dict(c, **(import_fields(grid, c["arch"]) if stage == "import" else {})), grid))
         plan.append(job("mrs", c, grid))
         plan += [job("prune", dict(c, run=run.name), grid) for run in runs]
         for model in ["dense"] + [run.name for run in runs]:

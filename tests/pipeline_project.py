@@ -33,6 +33,22 @@ TINY_GRID = {
 }
 
 
+IMPORTED_GRID = dict(TINY_GRID, archs=["vggimp"], prune_methods=["uniform_l1"], imported={
+    "vggimp": {"arch": "vgg11_w8", "weights": "models/vgg.pth", "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}})
+
+
+def write_foreign_weights(path: Path) -> Path:
+    """The state dict of a VGG-11/8 saved by plain torch code, as DataParallel names it."""
+    import torch
+
+    from mrpf.models import build_model
+
+    net = build_model("vgg11_w8", 10, 32).net
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
+    return path
+
+
 def env() -> dict:
     """The environment for engine subprocesses: this venv's tools first, one thread each."""
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

@@ -231,3 +231,29 @@ def test_loss_curve_allocation_prunes_from_measured_curves_and_reuses_the_mrs_st
     run_mrs(params, dense, tmp_path / "m", log=lambda m: None)
     reused = run_prune(params, dense, tmp_path / "r", log=lambda m: None, mrs_path=tmp_path / "m" / "mrs.json")
     assert reused["steps"][0]["ratios"] == step["ratios"]
+
+
+def test_a_latency_budget_prunes_to_the_predicted_time_and_reports_the_measured_one(tiny_data, dense, tmp_path):
+    """prune.metric: latency measures the table once in the run folder, meets the budget on its
+    prediction at every step, and reports the pruned model's measured time beside it."""
+    import shutil
+
+    from mrpf.latency import TABLE_FILE
+
+    params = load_params(None, tiny_overrides(tiny_data) + PRUNE + [
+        "prune.method=uniform_l1", "prune.sparsity=0.5", "prune.metric=latency", "prune.finetune_epochs=0"])
+    logs = []
+    summary = run_prune(params, dense, tmp_path / "p", log=logs.append)
+    assert summary["metric"] == "latency" and (tmp_path / "p" / TABLE_FILE).is_file()
+    assert 0.5 <= summary["achieved"] <= 0.55 and 0.25 <= summary["steps"][0]["achieved"] <= 0.3
+    assert summary["achieved"] == pytest.approx(1 - summary["counts"]["latency"] / summary["dense"]["latency"])
+    timed = summary["measured_latency_ms"]
+    assert timed["batch"] == 8 and timed["dense"] > 0 and timed["pruned"] > 0
+    assert summary["measured_achieved"] == pytest.approx(1 - timed["pruned"] / timed["dense"])
+    assert any("latency: predicted" in line and "measured" in line for line in logs)
+    (tmp_path / "q").mkdir()
+    shutil.copy(tmp_path / "p" / TABLE_FILE, tmp_path / "q" / TABLE_FILE)
+    logs.clear()
+    again = run_prune(params, dense, tmp_path / "q", log=logs.append)
+    assert any("latency table from" in line for line in logs)
+    assert again["steps"][0]["ratios"] == summary["steps"][0]["ratios"]

@@ -13,7 +13,7 @@ from mrpf import workflow
 from mrpf.config import DEFAULTS, load_params
 from mrpf.errors import MrpfError
 
-from .pipeline_project import ROOT, TINY_GRID, make_project, run
+from .pipeline_project import IMPORTED_GRID, ROOT, TINY_GRID, make_project, run, write_foreign_weights
 
 SCHEMA = ROOT / workflow.SCHEMA
 
@@ -140,12 +140,24 @@ SEEDED_GRID = dict(TINY_GRID, seeds=[0, 1], out="experiments/seeded", extra_runs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("grid, jobs", [(TINY_GRID, 9), (SEEDED_GRID, 17)], ids=["tiny", "seeds-extra-out"])
+@pytest.mark.parametrize("grid, jobs", [(TINY_GRID, 9), (SEEDED_GRID, 17), (IMPORTED_GRID, 7)],
+                         ids=["tiny", "seeds-extra-out", "imported"])
 def test_snakemake_and_dvc_plan_the_same_commands_and_outputs(tmp_path, grid, jobs):
     folder = make_project(tmp_path / "proj", grid=grid, git=False)
+    write_foreign_weights(folder / "models" / "vgg.pth")
     smk, dvc = snakemake_plan(folder), dvc_plan(folder)
     assert len(smk) == jobs
     assert smk == dvc
+    if grid is IMPORTED_GRID:   # the dense model is imported, not trained
+        assert not any(command.startswith("mrpf train") for command, _ in smk)
+        assert any(command.startswith("mrpf import") and "--arch vgg11_w8 --weights models/vgg.pth --no-evaluate"
+                   in command and command.endswith("--mean 0.4,0.5,0.6 --std 0.2,0.25,0.3") for command, _ in smk)
+
+
+def test_imported_archs_must_be_archs_of_the_grid():
+    config = {"grid": "g", "grids": {"g": dict(IMPORTED_GRID, archs=["vgg11_w8"])}}
+    with pytest.raises(MrpfError, match="grids.g.imported.vggimp: not one of the grid's archs"):
+        workflow.validate_config(config, ROOT / workflow.SCHEMA)
 
 
 def test_seeds_and_extra_runs_name_each_run_and_pass_its_overrides():

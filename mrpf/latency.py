@@ -1,0 +1,226 @@
+"""Latency as a budget metric (``prune.metric: latency``): a lookup table of each layer's time.
+
+After NetAdapt (Yang et al., ECCV 2018) and HALP (Shen et al., NeurIPS 2022): every leaf
+module of the dense model (convolution, linear, normalisation, activation, pooling) is timed
+alone on the target device at a grid of its input and output widths (``WIDTH_FRACTIONS`` of
+its dense widths, at the activation size it sees in the network); a model's predicted time is
+the sum over its leaf modules of the table, interpolated bilinearly at their current widths,
+plus the dense model's time outside its leaf modules (residual additions, functional ops,
+framework overhead) as a constant. The budget search meets ``prune.sparsity`` on this
+prediction the way it meets MACs on Torch-Pruning's counter; ``mrpf prune`` reports the
+prediction and the pruned model's measured time side by side.
+
+Hand-written: Torch-Pruning and timm count MACs and parameters, not time, and no maintained
+library builds per-layer latency tables for PyTorch modules on the CPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import MrpfError
+from .io import write_json
+
+WIDTH_FRACTIONS = (0.1, 0.325, 0.55, 0.775, 1.0)   # of a layer's dense widths, timed for the table
+TABLE_REPEATS = 5                                  # timed forward passes per table entry (median)
+TABLE_FILE = "latency_table.json"                  # cached in the prune (or mrs) run's folder
+
+
+def median_ms(forward, device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Median wall time (ms) of ``forward()`` over ``repeats`` calls after ``warmup`` calls,
+    synchronising CUDA around each."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + warmup):
+            sync()
+            t0 = time.perf_counter()
+            forward()
+            sync()
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def _channel_dim(shape: tuple) -> int:
+    """Where a leaf module's channels are: dim 1 of an image tensor (N, C, H, W), else the last."""
+    return 1 if len(shape) == 4 else len(shape) - 1
+
+
+def _leaf_calls(model: nn.Module, input_size: int, batch: int = 1) -> dict[str, tuple[tuple, tuple]]:
+    """Input and output shape of each call of a leaf module, at ``batch``: keyed by module name,
+    ``NAME#k`` for its k-th call after the first (torchvision's ResNet blocks call one ReLU twice)."""
+    calls: dict[str, tuple[tuple, tuple]] = {}
+
+    def record(name, inputs, output):
+        if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            key, k = name, 1
+            while key in calls:
+                key, k = f"{name}#{k}", k + 1
+            calls[key] = (tuple(inputs[0].shape), tuple(output.shape))
+
+    hooks = [module.register_forward_hook(lambda m, i, o, name=name: record(name, i, o))
+             for name, module in model.named_modules() if name and not list(module.children())]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(batch, 3, input_size, input_size, device=device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _resized(module: nn.Module, c_in: int, c_out: int) -> nn.Module | None:
+    """A fresh module of ``module``'s kind with ``c_in`` input and ``c_out`` output channels, or
+    None for a layer whose widths are not modelled (grouped convolutions, layers with buffers
+    or parameters of other kinds, such as the input normalisation): timed at its dense widths
+    and counted as a constant."""
+    if isinstance(module, nn.Conv2d):
+        depthwise = module.groups > 1 and module.groups == module.in_channels
+        if module.groups > 1 and not depthwise:
+            return None
+        return nn.Conv2d(c_in, c_in if depthwise else c_out, module.kernel_size, module.stride, module.padding,
+                         module.dilation, groups=c_in if depthwise else 1, bias=module.bias is not None,
+                         padding_mode=module.padding_mode)
+    if isinstance(module, nn.Linear):
+        return nn.Linear(c_in, c_out, bias=module.bias is not None)
+    if isinstance(module, nn.BatchNorm2d):
+        return nn.BatchNorm2d(c_in)
+    if isinstance(module, nn.LayerNorm):
+        return nn.LayerNorm(c_in, eps=module.eps, elementwise_affine=module.elementwise_affine)
+    if not any(True for _ in module.parameters()) and not any(True for _ in module.buffers()):
+        return copy.deepcopy(module)          # activations, pooling, dropout, flatten: width-agnostic
+    return None
+
+
+def _widths(dense: int) -> list[int]:
+    return sorted({max(1, round(f * dense)) for f in WIDTH_FRACTIONS})
+
+
+def _interpolate(axis: list[int], x: float) -> tuple[int, int, float]:
+    """Indices of the grid points around ``x`` on ``axis`` and the weight of the upper one
+    (beyond the grid: the nearest segment, extrapolated)."""
+    if len(axis) == 1:
+        return 0, 0, 0.0
+    k = min(max(bisect.bisect_left(axis, x), 1), len(axis) - 1)
+    return k - 1, k, (x - axis[k - 1]) / (axis[k] - axis[k - 1])
+
+
+class LatencyTable:
+    """Per-leaf-module forward times (ms at ``batch``) over a grid of widths, plus a constant."""
+
+    def __init__(self, entries: dict[str, dict], rest_ms: float, batch: int, device: str, threads: int):
+        self.entries, self.rest_ms, self.batch, self.device, self.threads = entries, rest_ms, batch, device, threads
+
+    @classmethod
+    def measure(cls, model: nn.Module, input_size: int, runtime, batch: int, log=print) -> LatencyTable:
+        """Time each leaf module of ``model`` alone at every width pair of the grid (fp32, eval mode,
+        ``runtime``'s device and memory format) and the whole model once, for the constant."""
+        from .evaluation import latency_ms
+
+        started = time.perf_counter()
+        entries = {}
+        for key, (in_shape, out_shape) in _leaf_calls(model, input_size, batch).items():
+            module = model.get_submodule(key.split("#")[0])
+            c_in, c_out = in_shape[_channel_dim(in_shape)], out_shape[_channel_dim(out_shape)]
+            if _resized(module, c_in, c_out) is None:      # timed as it is, a constant
+                ins, outs = [c_in], None
+            else:
+                ins, outs = _widths(c_in), (_widths(c_out) if _two_widths(module) else None)
+            grid = []
+            for a in ins:
+                row = []
+                for b in (outs or [a]):
+                    probe = runtime.prepare(_resized(module, a, b) or copy.deepcopy(module)).eval()
+                    shape = list(in_shape)
+                    shape[_channel_dim(in_shape)] = a
+                    x = torch.rand(shape, device=runtime.device)
+                    if x.dim() == 4:
+                        x = x.contiguous(memory_format=runtime.memory_format)
+                    row.append(median_ms(lambda: probe(x), runtime.device, TABLE_REPEATS))
+                grid.append(row)
+            entries[key] = {"ins": ins, "outs": outs, "ms": grid}
+        table = cls(entries, 0.0, batch, str(runtime.device), torch.get_num_threads())
+        whole = latency_ms(model.eval(), input_size, runtime, batch, TABLE_REPEATS)
+        table.rest_ms = whole - table.layers_ms(model, input_size)
+        log(f"latency table: {len(entries)} layers timed at batch {batch} in {time.perf_counter() - started:.1f}s; "
+            f"dense model {whole:.2f} ms, {table.rest_ms:.2f} ms outside its layers")
+        return table
+
+    def layers_ms(self, model: nn.Module, input_size: int) -> float:
+        """Sum over ``model``'s leaf modules of the table at their widths."""
+        total = 0.0
+        for key, (in_shape, out_shape) in _leaf_calls(model, input_size).items():
+            entry = self.entries.get(key)
+            if entry is None:
+                raise MrpfError(f"latency table: no entry for layer {key!r} (a table of another architecture?)")
+            i0, i1, wi = _interpolate(entry["ins"], in_shape[_channel_dim(in_shape)])
+            grid = entry["ms"]
+            if entry["outs"] is None:
+                total += (1 - wi) * grid[i0][0] + wi * grid[i1][0]
+                continue
+            o0, o1, wo = _interpolate(entry["outs"], out_shape[_channel_dim(out_shape)])
+            total += ((1 - wi) * ((1 - wo) * grid[i0][o0] + wo * grid[i0][o1])
+                      + wi * ((1 - wo) * grid[i1][o0] + wo * grid[i1][o1]))
+        return total
+
+    def predict(self, model: nn.Module, input_size: int) -> float:
+        """Predicted forward time (ms at the table's batch) of ``model``."""
+        return self.rest_ms + self.layers_ms(model, input_size)
+
+    def key(self) -> dict:
+        return {"batch": self.batch, "device": self.device, "threads": self.threads}
+
+    def save(self, path: Path) -> None:
+        write_json(path, {**self.key(), "rest_ms": self.rest_ms, "width_fractions": list(WIDTH_FRACTIONS),
+                          "entries": self.entries})
+
+    @classmethod
+    def load(cls, path: Path) -> LatencyTable:
+        raw = json.loads(Path(path).read_text())
+        return cls(raw["entries"], raw["rest_ms"], raw["batch"], raw["device"], raw["threads"])
+
+
+def _two_widths(module: nn.Module) -> bool:
+    """Whether a layer's input and output widths can differ (convolution and linear layers)."""
+    return isinstance(module, (nn.Conv2d, nn.Linear)) and not (
+        isinstance(module, nn.Conv2d) and module.groups > 1)
+
+
+def table_for(model: nn.Module, input_size: int, runtime, batch: int, folder: Path, log=print) -> LatencyTable:
+    """The latency table of ``model`` on ``runtime``: read from ``folder``/TABLE_FILE when it was
+    measured there for the same device, batch, threads and layers, else measured and saved there."""
+    path = Path(folder) / TABLE_FILE
+    wanted = {"batch": batch, "device": str(runtime.device), "threads": torch.get_num_threads()}
+    if path.is_file():
+        table = LatencyTable.load(path)
+        if table.key() == wanted and set(table.entries) == set(_leaf_calls(model, input_size)):
+            log(f"latency table from {path}")
+            return table
+    table = LatencyTable.measure(model, input_size, runtime, batch, log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.save(path)
+    return table
+
+
+def budget_counts(model: nn.Module, input_size: int, table: LatencyTable | None = None) -> dict:
+    """The budget metrics of ``model``: MACs and parameters (Torch-Pruning's counter) and, with a
+    latency table, its predicted time (``latency``, ms)."""
+    from .models import count_ops
+
+    counts = count_ops(model, input_size)
+    if table is not None:
+        counts["latency"] = table.predict(model, input_size)
+    return counts
