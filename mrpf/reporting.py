@@ -68,6 +68,17 @@ def _finetune_epochs(folder: Path) -> int | None:
     return sum(int(step.get("finetune", {}).get("epochs", 0)) for step in read_json(path).get("steps", []))
 
 
+def _latency_budget(folder: Path) -> dict:
+    """A latency-budgeted run's reductions (prune.json): predicted by the latency table and
+    measured on the dense and pruned models back to back (docs/method.md)."""
+    path = folder / "prune.json"
+    record = read_json(path) if path.is_file() else {}
+    if record.get("metric") != "latency" or "measured_achieved" not in record:
+        return {}
+    return {"latency_predicted": record["achieved"], "latency_measured": record["measured_achieved"],
+            "latency_batch": record["measured_latency_ms"]["batch"]}
+
+
 def _costs(folder: Path) -> dict:
     """Seconds of a run: the dense model's training (train_metrics.json); a pruned run's
     scoring (MRS, curves, scores and budget solve) and fine-tuning over all steps (prune.json)."""
@@ -110,7 +121,7 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
             metrics = read_json(folder / "eval.json")
             row.update({f"{a}_acc": metrics.get(f"{a}_acc") for a, _ in ATTACKS}, params=metrics["params"],
                        macs=metrics["macs"], pgd_steps=metrics.get("pgd_steps"))
-            row.update(_costs(folder))
+            row.update(**_costs(folder), **_latency_budget(folder), latency_ms=metrics.get("latency_ms"))
             if run is None:
                 dense_macs = metrics["macs"]
             row["reduction"] = 1 - metrics["macs"] / dense_macs if dense_macs else None
@@ -225,7 +236,8 @@ def summary_markdown(rows: list[dict], grid_name: str) -> str:
     out = io.StringIO()
     out.write(f"# mrpf report: grid `{grid_name}`\n\n"
               "Accuracies in % on the evaluated test images; reduction = MACs removed relative to the dense "
-              "model. Per run, Δ = paired difference to `uniform_l1` at the same sparsity, seed and block, with "
+              "model; latency = the evaluation's median forward time of one batch (`evaluate.latency_batch`). "
+              "Per run, Δ = paired difference to `uniform_l1` at the same sparsity, seed and block, with "
               "the 95 % paired t-interval over the test images. Over seeds, mean ± sd across fine-tuning seeds "
               "and Δ with the 95 % interval over seeds and test images (`seed_image_difference` in "
               "mrpf/statistics.py). Written by `mrpf report`.\n")
@@ -239,8 +251,8 @@ def summary_markdown(rows: list[dict], grid_name: str) -> str:
                                                                             for r in table)]
         out.write(f"\n## {' · '.join(panel)}\n\n### Runs\n\n")
         headers = (["run", "method", "sparsity", "seed", "FT epochs"] + [h for _, h in attacks]
-                   + ["params", "MACs", "reduction", f"Δ {pgd} vs {BASELINE}", "scoring s (% of dense training)",
-                      "training s"])
+                   + ["params", "MACs", "reduction", "latency ms", f"Δ {pgd} vs {BASELINE}",
+                      "scoring s (% of dense training)", "training s"])
         body = [[r["run"], r["method"], "—" if r["method"] == "dense" else f"{r['sparsity']:g}",
                  "—" if r["seed"] is None else str(r["seed"]),
                  "—" if r["finetune_epochs"] is None else str(r["finetune_epochs"])]
@@ -248,6 +260,7 @@ def summary_markdown(rows: list[dict], grid_name: str) -> str:
                 + [f"{r['params'] / 1e6:.3f} M" if r.get("params") else "—",
                    f"{r['macs'] / 1e6:.1f} M" if r.get("macs") else "—",
                    _pct(r.get("reduction")) if r["method"] != "dense" else "—",
+                   "—" if r.get("latency_ms") is None else f"{r['latency_ms']:.1f}",
                    "(baseline)" if r["method"] == BASELINE and r["tag"] == r.get("baseline_tag")
                    else _interval(r.get("delta_pgd")),
                    "—" if r.get("scoring_seconds") is None else
@@ -271,6 +284,16 @@ def summary_markdown(rows: list[dict], grid_name: str) -> str:
                     + [_pct(g.get("scoring_share"))]
                     for g in sorted(mine, key=lambda g: (g["tag"] or "", g["sparsity"], g["method"] != BASELINE,
                                                          g["method"]))]
+            _table(out, headers, body)
+        budgeted = [r for r in table if r.get("latency_measured") is not None]
+        if budgeted:
+            out.write("\n### Latency budgets\n\nRuns pruned to a fraction of the dense model's forward time "
+                      "(`prune.metric: latency`): the reduction the latency table predicted and the one measured "
+                      "on the dense and pruned models back to back at the end of the run.\n\n")
+            headers = ["run", "target", "predicted", "measured", "batch", pgd, f"Δ {pgd} vs {BASELINE}"]
+            body = [[r["run"], _pct(r["sparsity"]), _pct(r["latency_predicted"]), _pct(r["latency_measured"]),
+                     str(r["latency_batch"]), _pct(r.get("pgd_acc")),
+                     "(baseline)" if r["method"] == BASELINE else _interval(r.get("delta_pgd"))] for r in budgeted]
             _table(out, headers, body)
         curve = finetune_curve(table)
         if curve:

@@ -17,7 +17,9 @@ GRID = {"datasets": ["cifar10"], "archs": ["vgg11_w8"], "train_methods": ["pgd_a
         "extra_runs": [{"prune_methods": ["mrpf", "uniform_l1"], "sparsities": [0.9], "seeds": [0], "tag": "ft2",
                         "params": {"prune": {"final_epochs": 2}}},
                        {"prune_methods": ["mrpf"], "sparsities": [0.9], "seeds": [0, 1], "tag": "lc",
-                        "params": {"prune": {"allocation": "loss_curve"}}}]}
+                        "params": {"prune": {"allocation": "loss_curve"}}},
+                       {"prune_methods": ["mrpf", "uniform_l1"], "sparsities": [0.7], "seeds": [0], "tag": "lat",
+                        "params": {"prune": {"metric": "latency"}}}]}
 IMAGES = 400
 
 
@@ -43,6 +45,12 @@ def report(tmp_path):
     for run in workflow.pruned_runs(GRID):
         epochs = 3 if run.tag else 5
         outcomes[run.name] = write_run(base / run.name, rng, 0.33 if run.pm == "mrpf" else 0.30, epochs, 100)
+        if run.tag == "lat":   # what mrpf prune records under a latency budget
+            record = json.loads((base / run.name / "prune.json").read_text())
+            record.update(metric="latency", achieved=0.701 if run.pm == "mrpf" else 0.703,
+                          measured_achieved=0.68 if run.pm == "mrpf" else 0.72,
+                          measured_latency_ms={"dense": 50.0, "pruned": 16.0, "batch": 128})
+            (base / run.name / "prune.json").write_text(json.dumps(record))
     rows = reporting.write_report(config, results, tmp_path / "reports", log=lambda *_: None)
     return tmp_path / "reports", rows, outcomes
 
@@ -89,3 +97,14 @@ def test_a_block_without_uniform_l1_is_compared_with_the_main_runs(report):
         assert f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] (2 seeds)" in line, line
     row = next(r for r in rows if r["run"] == "mrpf-0.9-s1-lc")
     assert row["delta_pgd"] == pytest.approx(seed_image_difference(mine[1:], uniform[1:]))
+
+
+def test_latency_budgeted_runs_get_predicted_and_measured_reductions_and_their_paired_difference(report):
+    folder, rows, outcomes = report
+    section = (folder / "summary.md").read_text().split("### Latency budgets")[1].split("###")[0]
+    mine = next(x for x in section.splitlines() if x.startswith("| mrpf-0.7-s0-lat "))
+    d = seed_image_difference(outcomes["mrpf-0.7-s0-lat"]["pgd"][None], outcomes["uniform_l1-0.7-s0-lat"]["pgd"][None])
+    cells = [c.strip() for c in mine.split("|")[1:-1]]
+    assert cells[1:5] == ["70.0", "70.1", "68.0", "128"]
+    assert cells[6] == f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+    assert "| uniform_l1-0.7-s0-lat " in section and "mrpf-0.9-s0 " not in section
