@@ -94,3 +94,38 @@ def trained_checkpoint(tiny_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("trained")
     train(params, run, log=lambda m: None)
     return run / "checkpoint.pt"
+
+
+OVERHEAD_MS = 100.0   # what the stand-in clock adds to a whole model's forward pass
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """A deterministic stand-in for the clock of mrpf/latency.py: a layer "takes" as many ms as
+    its output has elements (linear in each width, so bilinear interpolation reproduces it
+    exactly), a whole model the sum over its layer calls plus OVERHEAD_MS."""
+    import torch
+
+    from mrpf import evaluation, latency
+
+    def layer_timer(forward, device, repeats, warmup=3):
+        with torch.no_grad():
+            return float(forward().numel())
+
+    def model_timer(forward, device, repeats, warmup=3):
+        total = [OVERHEAD_MS]
+
+        def count(module, inputs, output):
+            if not list(module.children()) and isinstance(output, torch.Tensor):
+                total[0] += output.numel()
+
+        handle = torch.nn.modules.module.register_module_forward_hook(count)
+        try:
+            with torch.no_grad():
+                forward()
+        finally:
+            handle.remove()
+        return total[0]
+
+    monkeypatch.setattr(latency, "median_ms", layer_timer)
+    monkeypatch.setattr(evaluation, "median_ms", model_timer)

@@ -4,26 +4,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mrpf import allocation, evaluation, groups, latency
+from mrpf import allocation, groups, latency
 from mrpf.config import DeviceParams
 from mrpf.devices import setup
 from mrpf.errors import MrpfError
 from mrpf.models import build_model
 
+from .conftest import OVERHEAD_MS
+
 BATCH = 4
-
-
-def output_size_timer(forward, device, repeats, warmup=3):
-    """A deterministic stand-in for the clock: a call "takes" as many ms as its output has elements,
-    which is linear in each width, so bilinear interpolation must reproduce it exactly."""
-    with torch.no_grad():
-        return float(forward().numel())
-
-
-@pytest.fixture
-def fake_clock(monkeypatch):
-    monkeypatch.setattr(latency, "median_ms", output_size_timer)
-    monkeypatch.setattr(evaluation, "median_ms", output_size_timer)
 
 
 class Shift(nn.Module):
@@ -65,9 +54,9 @@ def test_the_table_interpolates_every_layer_call_at_the_pruned_widths(fake_clock
     assert {"relu", "relu#1", "shift", "conv1", "fc"} <= set(table.entries)
     assert table.entries["shift"]["ins"] == [3]                    # a layer with a buffer: one width
     assert table.entries["conv2"]["outs"] == [6, 20, 33, 46, 60]   # WIDTH_FRACTIONS of 60
-    # the constant: the whole model's "time" (its logits) less its layers' at the dense widths
-    assert table.rest_ms == pytest.approx(BATCH * 10 - output_elements(dense, 16))
-    assert table.predict(dense, 16) == pytest.approx(BATCH * 10)
+    # the constant: the whole model's time less its layers' at the dense widths
+    assert table.rest_ms == pytest.approx(OVERHEAD_MS)
+    assert table.predict(dense, 16) == pytest.approx(OVERHEAD_MS + output_elements(dense, 16))
     for a, b in [(27, 13), (4, 59), (40, 7), (1, 1)]:   # between grid points and below the smallest
         pruned = TwoConv(a, b).eval()
         assert table.predict(pruned, 16) == pytest.approx(table.rest_ms + output_elements(pruned, 16), rel=1e-9)
@@ -77,7 +66,6 @@ def test_a_latency_budget_is_met_on_the_tables_prediction(fake_clock):
     runtime = setup(DeviceParams(name="cpu", channels_last=False))
     model = build_model("vgg11_w8", 10, 32).eval()
     table = latency.LatencyTable.measure(model, 32, runtime, BATCH, log=lambda m: None)
-    table.rest_ms = 0.0   # the stand-in clock "times" the whole model by its logits: no constant here
     _, found = groups.find_groups(model, 32, 10)
     with pytest.raises(MrpfError, match="latency table"):
         allocation.solve(model, found, [1.0] * len(found), input_size=32, num_classes=10, budget=0.5,
