@@ -153,7 +153,9 @@ class LatencyTable:
                 grid.append(row)
             entries[key] = {"ins": ins, "outs": outs, "ms": grid}
         table = cls(entries, 0.0, batch, str(runtime.device), torch.get_num_threads())
+        was_training = model.training
         whole = latency_ms(model.eval(), input_size, runtime, batch, TABLE_REPEATS)
+        model.train(was_training)
         table.rest_ms = whole - table.layers_ms(model, input_size)
         log(f"latency table: {len(entries)} layers timed at batch {batch} in {time.perf_counter() - started:.1f}s; "
             f"dense model {whole:.2f} ms, {table.rest_ms:.2f} ms outside its layers")
