@@ -8,6 +8,7 @@ statistics on the same images.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -20,14 +21,15 @@ from .attacks import autoattack, fgsm
 from .config import Params
 from .errors import MrpfError
 from .io import atomic_path, write_json
-from .latency import median_ms
+from .latency import timed_ms
 from .models import count_ops, count_parameters, load_model
 from .objectives import evaluation_adversary
 
 
 def latency_ms(model: torch.nn.Module, input_size: int, runtime: devices.Runtime, batch: int, repeats: int,
-               dtype: torch.dtype = torch.float32) -> float:
-    """Median wall time (ms) of one forward pass on a batch (inputs in ``dtype``, the model's), after warm-up.
+               dtype: torch.dtype = torch.float32, reduce=statistics.median) -> float:
+    """Median (or ``reduce``) wall time (ms) of one forward pass on a batch (inputs in ``dtype``,
+    the model's), after warm-up.
 
     On CUDA with ``device.cuda_graphs`` the forward pass is captured once and replayed from a
     CUDA graph: the time the GPU needs, without eager PyTorch's launch cost per op, which
@@ -44,7 +46,7 @@ def latency_ms(model: torch.nn.Module, input_size: int, runtime: devices.Runtime
             with torch.cuda.graph(graph):
                 model(x)
         forward = graph.replay
-    return median_ms(forward, runtime.device, repeats)
+    return timed_ms(forward, runtime.device, repeats, reduce=reduce)
 
 
 def correct_under(model: torch.nn.Module, images: data_mod.ImageSet, attack, runtime: devices.Runtime,

@@ -30,13 +30,14 @@ from .errors import MrpfError
 from .io import write_json
 
 WIDTH_FRACTIONS = (0.1, 0.325, 0.55, 0.775, 1.0)   # of a layer's dense widths, timed for the table
-TABLE_REPEATS = 5                                  # timed forward passes per table entry (median)
+TABLE_REPEATS = 5                                  # timed forward passes per table entry (the fastest counts)
 TABLE_FILE = "latency_table.json"                  # cached in the prune (or mrs) run's folder
 
 
-def median_ms(forward, device: torch.device, repeats: int, warmup: int = 3) -> float:
-    """Median wall time (ms) of ``forward()`` over ``repeats`` calls after ``warmup`` calls,
-    synchronising CUDA around each."""
+def timed_ms(forward, device: torch.device, repeats: int, warmup: int = 3, reduce=statistics.median) -> float:
+    """Wall time (ms) of ``forward()`` over ``repeats`` calls after ``warmup`` calls, synchronising
+    CUDA around each, reduced by ``reduce`` (median; the table takes the fastest, ``min``, the
+    pass least disturbed by other work on a shared machine)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     with torch.no_grad():
@@ -47,7 +48,7 @@ def median_ms(forward, device: torch.device, repeats: int, warmup: int = 3) -> f
             sync()
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    return reduce(times)
 
 
 def _channel_dim(shape: tuple) -> int:
@@ -127,10 +128,14 @@ class LatencyTable:
     @classmethod
     def measure(cls, model: nn.Module, input_size: int, runtime, batch: int, log=print) -> LatencyTable:
         """Time each leaf module of ``model`` alone at every width pair of the grid (fp32, eval mode,
-        ``runtime``'s device and memory format) and the whole model once, for the constant."""
+        ``runtime``'s device and memory format; the fastest of TABLE_REPEATS passes) and the whole
+        model before and after them (the fastest of both), for the constant."""
         from .evaluation import latency_ms
 
         started = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        whole = [latency_ms(model, input_size, runtime, batch, TABLE_REPEATS, reduce=min)]
         entries = {}
         for key, (in_shape, out_shape) in _leaf_calls(model, input_size, batch).items():
             module = model.get_submodule(key.split("#")[0])
@@ -149,12 +154,11 @@ class LatencyTable:
                     x = torch.rand(shape, device=runtime.device)
                     if x.dim() == 4:
                         x = x.contiguous(memory_format=runtime.memory_format)
-                    row.append(median_ms(lambda: probe(x), runtime.device, TABLE_REPEATS))
+                    row.append(timed_ms(lambda: probe(x), runtime.device, TABLE_REPEATS, reduce=min))
                 grid.append(row)
             entries[key] = {"ins": ins, "outs": outs, "ms": grid}
         table = cls(entries, 0.0, batch, str(runtime.device), torch.get_num_threads())
-        was_training = model.training
-        whole = latency_ms(model.eval(), input_size, runtime, batch, TABLE_REPEATS)
+        whole = min(whole + [latency_ms(model, input_size, runtime, batch, TABLE_REPEATS, reduce=min)])
         model.train(was_training)
         table.rest_ms = whole - table.layers_ms(model, input_size)
         log(f"latency table: {len(entries)} layers timed at batch {batch} in {time.perf_counter() - started:.1f}s; "

@@ -108,11 +108,11 @@ def fake_clock(monkeypatch):
 
     from mrpf import evaluation, latency
 
-    def layer_timer(forward, device, repeats, warmup=3):
+    def layer_timer(forward, device, repeats, warmup=3, reduce=None):
         with torch.no_grad():
             return float(forward().numel())
 
-    def model_timer(forward, device, repeats, warmup=3):
+    def model_timer(forward, device, repeats, warmup=3, reduce=None):
         total = [OVERHEAD_MS]
 
         def count(module, inputs, output):
@@ -127,5 +127,5 @@ def fake_clock(monkeypatch):
             handle.remove()
         return total[0]
 
-    monkeypatch.setattr(latency, "median_ms", layer_timer)
-    monkeypatch.setattr(evaluation, "median_ms", model_timer)
+    monkeypatch.setattr(latency, "timed_ms", layer_timer)
+    monkeypatch.setattr(evaluation, "timed_ms", model_timer)

@@ -1,5 +1,7 @@
 """prune.metric: latency — the per-layer latency table (mrpf/latency.py) and the budget search on it."""
 
+import statistics
+
 import pytest
 import torch
 import torch.nn as nn
@@ -95,3 +97,24 @@ def test_the_table_is_cached_in_the_run_folder_and_remeasured_for_another_batch(
     assert sum("latency table from" in line for line in logs) == 1
     other = latency.table_for(model, 16, runtime, 2 * BATCH, tmp_path, logs.append)
     assert other.batch == 2 * BATCH and sum("latency table from" in line for line in logs) == 1
+
+
+def test_the_table_counts_the_fastest_pass_of_each_timing(monkeypatch, fake_clock):
+    """Other work on a shared machine only ever slows a pass down: the table keeps each layer's
+    and the whole model's fastest pass, so slow passes move neither the layers nor the constant."""
+    from mrpf import evaluation
+
+    def slowed(clock):
+        def timed(forward, device, repeats, warmup=3, reduce=None):
+            t = clock(forward, device, repeats, warmup)
+            return (reduce or statistics.median)([t, 3 * t, 3 * t, 5 * t, t])
+        return timed
+
+    monkeypatch.setattr(latency, "timed_ms", slowed(latency.timed_ms))
+    monkeypatch.setattr(evaluation, "timed_ms", slowed(evaluation.timed_ms))
+    runtime = setup(DeviceParams(name="cpu", channels_last=False))
+    dense = TwoConv(40, 60).eval()
+    table = latency.LatencyTable.measure(dense, 16, runtime, BATCH, log=lambda m: None)
+    assert table.rest_ms == pytest.approx(OVERHEAD_MS)
+    pruned = TwoConv(27, 13).eval()
+    assert table.predict(pruned, 16) == pytest.approx(OVERHEAD_MS + output_elements(pruned, 16), rel=1e-9)
