@@ -6,7 +6,8 @@ target is speedup >= 0.7 x MACs ratio on CPU (0.8 on an H100). Latency does not 
 the weights, only on the channel counts, so any pruned checkpoint of the dense model works.
 
     python -m bench.pruned_speedup [--dense runs/core-acceptance/checkpoint.pt]
-        [--pruned runs/compare/{uniform_l1,mrpf}-{0.5,0.7}-s0/checkpoint.pt] [--batch 128] [--device cpu] [--name NAME]
+        [--pruned runs/compare/{uniform_l1,mrpf}-{0.5,0.7}-s0/checkpoint.pt] [--batch 128] [--device cpu]
+        [--threads N] [--name NAME]
     python -m bench.pruned_speedup --per-layer --name pruned-layers-cpu   # where each model's time goes
 
 ``--per-layer`` adds, per model, each convolution's MACs and median forward time (timed by
@@ -67,8 +68,9 @@ def per_layer(model: torch.nn.Module, size: int, runtime, batch: int, repeats: i
     return [{"layer": name, "macs": macs[name], "ms": statistics.median(times[name][3:])} for name, _ in convs]
 
 
-def onnx_session(checkpoint: Path, folder: Path, device: str):
-    """An ONNX Runtime session of the exported checkpoint (CUDA provider on a CUDA device if ORT has it)."""
+def onnx_session(checkpoint: Path, folder: Path, device: str, threads: int | None = None):
+    """An ONNX Runtime session of the exported checkpoint (CUDA provider on a CUDA device if ORT
+    has it; ``threads`` intra-op threads, default ORT's own choice)."""
     import onnxruntime as ort
 
     from mrpf.export import ONNX_FILE, export
@@ -77,7 +79,10 @@ def onnx_session(checkpoint: Path, folder: Path, device: str):
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(folder / ONNX_FILE), providers=providers)
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(folder / ONNX_FILE), options, providers=providers)
 
 
 def onnx_latency_ms(session, size: int, batch: int, repeats: int) -> float:
@@ -106,9 +111,11 @@ def main() -> None:
                    help="on CUDA: time the forward pass replayed from a CUDA graph (mrpf's default) or eagerly")
     p.add_argument("--per-layer", action="store_true", help="also each convolution's MACs and time, per model")
     p.add_argument("--onnx", action="store_true", help="also time each model exported to ONNX in ONNX Runtime")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of PyTorch and of ONNX Runtime (default: each one's own choice)")
     p.add_argument("--name", default=None, help="results file name (default: pruned-speedup-DEVICE)")
     args = p.parse_args()
-    runtime = setup(DeviceParams(name=args.device, channels_last=True, bf16=False,
+    runtime = setup(DeviceParams(name=args.device, channels_last=True, bf16=False, threads=args.threads,
                                  cuda_graphs=args.cuda_graphs == "on"))
     paths = [ROOT / args.dense] + [ROOT / q for q in args.pruned]
     models = {}
@@ -119,7 +126,7 @@ def main() -> None:
         model, state = load_model(path, runtime)
         models[path] = (model, state["arch"]["input_size"])
     scratch = tempfile.TemporaryDirectory()
-    sessions = {path: onnx_session(path, Path(scratch.name) / str(i), args.device)
+    sessions = {path: onnx_session(path, Path(scratch.name) / str(i), args.device, args.threads)
                 for i, path in enumerate(paths)} if args.onnx else {}
     times = {path: [] for path in paths}
     onnx_times = {path: [] for path in sessions}
@@ -142,7 +149,8 @@ def main() -> None:
             onnx_speedup = statistics.median(onnx_times[dense_path]) / statistics.median(onnx_times[path])
             rows[-1].update(onnx_latency_ms=statistics.median(onnx_times[path]), onnx_speedup=onnx_speedup,
                             onnx_speedup_over_macs_ratio=onnx_speedup / macs_ratio)
-    result = {"batch": args.batch, "cuda_graphs": args.device.startswith("cuda") and args.cuda_graphs == "on",
+    result = {"batch": args.batch, "threads": torch.get_num_threads(),
+              "cuda_graphs": args.device.startswith("cuda") and args.cuda_graphs == "on",
               "dense": {"latency_ms": dense_ms, "macs": dense_macs}, "pruned": rows}
     if sessions:
         result["dense"]["onnx_latency_ms"] = statistics.median(onnx_times[dense_path])
