@@ -158,7 +158,9 @@ def seed_groups(rows: list[dict]) -> list[dict]:
     for (dataset, arch, tm, method, sparsity, tag), members in groups.items():
         group = dict(dataset=dataset, arch=arch, tm=tm, method=method, sparsity=sparsity, tag=tag,
                      baseline_tag=members[0]["baseline_tag"],
-                     seeds=[m["seed"] for m in members], reduction=spread([m["reduction"] for m in members])["mean"])
+                     seeds=[m["seed"] for m in members],
+                     reduction=spread([m["reduction"] for m in members if m.get("reduction") is not None]
+                                      or [math.nan])["mean"])
         base = {m["seed"]: m for m in groups.get((dataset, arch, tm, BASELINE, sparsity,
                                                    members[0]["baseline_tag"]), [])}
         main = {m["seed"]: m for m in groups.get((dataset, arch, tm, method, sparsity, None), [])} if tag else {}

@@ -108,3 +108,16 @@ def test_latency_budgeted_runs_get_predicted_and_measured_reductions_and_their_p
     assert cells[1:5] == ["70.0", "70.1", "68.0", "128"]
     assert cells[6] == f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
     assert "| uniform_l1-0.7-s0-lat " in section and "mrpf-0.9-s0 " not in section
+
+
+def test_a_grid_still_running_is_reported_with_the_rows_it_has(report, tmp_path):
+    """Before the dense model is evaluated (the pipeline evaluates it with AutoAttack, late), the
+    pruned runs are reported without their MACs reduction."""
+    folder, rows, outcomes = report
+    (tmp_path / "results/cifar10/vgg11_w8/pgd_at/dense/eval.json").unlink()
+    config = {"grid": "g", "grids": {"g": GRID}}
+    partial = reporting.write_report(config, tmp_path / "results", tmp_path / "partial", log=lambda *_: None)
+    row = next(r for r in partial if r["run"] == "mrpf-0.9-s1")
+    assert row["reduction"] is None and row["delta_pgd"] == pytest.approx(
+        next(r for r in rows if r["run"] == "mrpf-0.9-s1")["delta_pgd"])
+    assert "| mrpf " in (tmp_path / "partial/summary.md").read_text()
