@@ -5,8 +5,9 @@ module of the dense model (convolution, linear, normalisation, activation, pooli
 alone on the target device at a grid of its input and output widths (``WIDTH_FRACTIONS`` of
 its dense widths, at the activation size it sees in the network); a model's predicted time is
 the sum over its leaf modules of the table, interpolated bilinearly at their current widths,
-plus the dense model's time outside its leaf modules (residual additions, functional ops,
-framework overhead) as a constant. The budget search meets ``prune.sparsity`` on this
+times the dense model's measured time over that sum for the dense model (residual
+additions, functional ops and framework overhead taken to shrink with the layers; a
+slower or faster machine moves the whole table alike). The budget search meets ``prune.sparsity`` on this
 prediction the way it meets MACs on Torch-Pruning's counter; ``mrpf prune`` reports the
 prediction and the pruned model's measured time side by side.
 
@@ -120,16 +121,17 @@ def _interpolate(axis: list[int], x: float) -> tuple[int, int, float]:
 
 
 class LatencyTable:
-    """Per-leaf-module forward times (ms at ``batch``) over a grid of widths, plus a constant."""
+    """Per-leaf-module forward times (ms at ``batch``) over a grid of widths, and the dense
+    model's measured time over their sum (``scale``)."""
 
-    def __init__(self, entries: dict[str, dict], rest_ms: float, batch: int, device: str, threads: int):
-        self.entries, self.rest_ms, self.batch, self.device, self.threads = entries, rest_ms, batch, device, threads
+    def __init__(self, entries: dict[str, dict], scale: float, batch: int, device: str, threads: int):
+        self.entries, self.scale, self.batch, self.device, self.threads = entries, scale, batch, device, threads
 
     @classmethod
     def measure(cls, model: nn.Module, input_size: int, runtime, batch: int, log=print) -> LatencyTable:
         """Time each leaf module of ``model`` alone at every width pair of the grid (fp32, eval mode,
         ``runtime``'s device and memory format; the fastest of TABLE_REPEATS passes) and the whole
-        model before and after them (the fastest of both), for the constant."""
+        model before and after them (the fastest of both), for the scale."""
         from .evaluation import latency_ms
 
         started = time.perf_counter()
@@ -157,12 +159,13 @@ class LatencyTable:
                     row.append(timed_ms(lambda: probe(x), runtime.device, TABLE_REPEATS, reduce=min))
                 grid.append(row)
             entries[key] = {"ins": ins, "outs": outs, "ms": grid}
-        table = cls(entries, 0.0, batch, str(runtime.device), torch.get_num_threads())
+        table = cls(entries, 1.0, batch, str(runtime.device), torch.get_num_threads())
         whole = min(whole + [latency_ms(model, input_size, runtime, batch, TABLE_REPEATS, reduce=min)])
         model.train(was_training)
-        table.rest_ms = whole - table.layers_ms(model, input_size)
+        layers = table.layers_ms(model, input_size)
+        table.scale = whole / layers
         log(f"latency table: {len(entries)} layers timed at batch {batch} in {time.perf_counter() - started:.1f}s; "
-            f"dense model {whole:.2f} ms, {table.rest_ms:.2f} ms outside its layers")
+            f"dense model {whole:.2f} ms, its layers alone {layers:.2f} ms")
         return table
 
     def layers_ms(self, model: nn.Module, input_size: int) -> float:
@@ -184,19 +187,22 @@ class LatencyTable:
 
     def predict(self, model: nn.Module, input_size: int) -> float:
         """Predicted forward time (ms at the table's batch) of ``model``."""
-        return self.rest_ms + self.layers_ms(model, input_size)
+        return self.scale * self.layers_ms(model, input_size)
 
     def key(self) -> dict:
         return {"batch": self.batch, "device": self.device, "threads": self.threads}
 
     def save(self, path: Path) -> None:
-        write_json(path, {**self.key(), "rest_ms": self.rest_ms, "width_fractions": list(WIDTH_FRACTIONS),
+        write_json(path, {**self.key(), "scale": self.scale, "width_fractions": list(WIDTH_FRACTIONS),
                           "entries": self.entries})
 
     @classmethod
-    def load(cls, path: Path) -> LatencyTable:
+    def load(cls, path: Path) -> LatencyTable | None:
+        """The table saved at ``path``; None for a file of another format (measured again)."""
         raw = json.loads(Path(path).read_text())
-        return cls(raw["entries"], raw["rest_ms"], raw["batch"], raw["device"], raw["threads"])
+        if not {"entries", "scale", "batch", "device", "threads"} <= set(raw):
+            return None
+        return cls(raw["entries"], raw["scale"], raw["batch"], raw["device"], raw["threads"])
 
 
 def _two_widths(module: nn.Module) -> bool:
@@ -212,7 +218,7 @@ def table_for(model: nn.Module, input_size: int, runtime, batch: int, folder: Pa
     wanted = {"batch": batch, "device": str(runtime.device), "threads": torch.get_num_threads()}
     if path.is_file():
         table = LatencyTable.load(path)
-        if table.key() == wanted and set(table.entries) == set(_leaf_calls(model, input_size)):
+        if table is not None and table.key() == wanted and set(table.entries) == set(_leaf_calls(model, input_size)):
             log(f"latency table from {path}")
             return table
     table = LatencyTable.measure(model, input_size, runtime, batch, log)

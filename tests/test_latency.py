@@ -56,12 +56,13 @@ def test_the_table_interpolates_every_layer_call_at_the_pruned_widths(fake_clock
     assert {"relu", "relu#1", "shift", "conv1", "fc"} <= set(table.entries)
     assert table.entries["shift"]["ins"] == [3]                    # a layer with a buffer: one width
     assert table.entries["conv2"]["outs"] == [6, 20, 33, 46, 60]   # WIDTH_FRACTIONS of 60
-    # the constant: the whole model's time less its layers' at the dense widths
-    assert table.rest_ms == pytest.approx(OVERHEAD_MS)
-    assert table.predict(dense, 16) == pytest.approx(OVERHEAD_MS + output_elements(dense, 16))
+    # the scale: the whole model's time over its layers' at the dense widths
+    layers = output_elements(dense, 16)
+    assert table.scale == pytest.approx((OVERHEAD_MS + layers) / layers)
+    assert table.predict(dense, 16) == pytest.approx(OVERHEAD_MS + layers)
     for a, b in [(27, 13), (4, 59), (40, 7), (1, 1)]:   # between grid points and below the smallest
         pruned = TwoConv(a, b).eval()
-        assert table.predict(pruned, 16) == pytest.approx(table.rest_ms + output_elements(pruned, 16), rel=1e-9)
+        assert table.predict(pruned, 16) == pytest.approx(table.scale * output_elements(pruned, 16), rel=1e-9)
 
 
 def test_a_latency_budget_is_met_on_the_tables_prediction(fake_clock):
@@ -97,11 +98,14 @@ def test_the_table_is_cached_in_the_run_folder_and_remeasured_for_another_batch(
     assert sum("latency table from" in line for line in logs) == 1
     other = latency.table_for(model, 16, runtime, 2 * BATCH, tmp_path, logs.append)
     assert other.batch == 2 * BATCH and sum("latency table from" in line for line in logs) == 1
+    (tmp_path / latency.TABLE_FILE).write_text('{"entries": {}, "rest_ms": 1.0}')   # a file of another format
+    assert latency.table_for(model, 16, runtime, BATCH, tmp_path, logs.append).entries == first.entries
+    assert sum("latency table from" in line for line in logs) == 1
 
 
 def test_the_table_counts_the_fastest_pass_of_each_timing(monkeypatch, fake_clock):
     """Other work on a shared machine only ever slows a pass down: the table keeps each layer's
-    and the whole model's fastest pass, so slow passes move neither the layers nor the constant."""
+    and the whole model's fastest pass, so slow passes move neither the layers nor the scale."""
     from mrpf import evaluation
 
     def slowed(clock):
@@ -115,6 +119,7 @@ def test_the_table_counts_the_fastest_pass_of_each_timing(monkeypatch, fake_cloc
     runtime = setup(DeviceParams(name="cpu", channels_last=False))
     dense = TwoConv(40, 60).eval()
     table = latency.LatencyTable.measure(dense, 16, runtime, BATCH, log=lambda m: None)
-    assert table.rest_ms == pytest.approx(OVERHEAD_MS)
+    layers = output_elements(dense, 16)
+    assert table.scale == pytest.approx((OVERHEAD_MS + layers) / layers)
     pruned = TwoConv(27, 13).eval()
-    assert table.predict(pruned, 16) == pytest.approx(OVERHEAD_MS + output_elements(pruned, 16), rel=1e-9)
+    assert table.predict(pruned, 16) == pytest.approx(table.scale * output_elements(pruned, 16), rel=1e-9)

@@ -251,5 +251,7 @@ def test_a_latency_budget_prunes_to_the_predicted_time_and_reports_the_measured_
     timed = summary["measured_latency_ms"]
     assert timed["batch"] == 8 and timed["dense"] > timed["pruned"] > 0
     assert summary["measured_achieved"] == pytest.approx(1 - timed["pruned"] / timed["dense"])
-    assert timed["pruned"] == pytest.approx(summary["counts"]["latency"])   # the stand-in clock is exact
+    # the stand-in clock: the table is exact for the dense model and, its overhead being small, close after
+    assert timed["dense"] == pytest.approx(summary["dense"]["latency"])
+    assert summary["measured_achieved"] == pytest.approx(summary["achieved"], abs=0.01)
     assert any("latency: predicted" in line and "measured" in line for line in logs)
