@@ -227,6 +227,15 @@ def table_for(model: nn.Module, input_size: int, runtime, batch: int, folder: Pa
     return table
 
 
+def table_if_budgeted(params, model: nn.Module, input_size: int, runtime, folder: Path,
+                      log=print) -> LatencyTable | None:
+    """The run's latency table (``table_for`` at ``evaluate.latency_batch``) where ``prune.metric``
+    is latency, else None."""
+    if params.prune.metric != "latency":
+        return None
+    return table_for(model, input_size, runtime, params.evaluate.latency_batch, folder, log)
+
+
 def budget_counts(model: nn.Module, input_size: int, table: LatencyTable | None = None) -> dict:
     """The budget metrics of ``model``: MACs and parameters (Torch-Pruning's counter) and, with a
     latency table, its predicted time (``latency``, ms)."""

@@ -136,9 +136,7 @@ def run_prune(params: Params, checkpoint: str | Path, run_dir: str | Path, log=p
     arch = dict(state["arch"])
     arch.setdefault("pruning_history", [])
     splits = data_mod.load_splits(params.data, with_test=False)
-    table = None
-    if pp.metric == "latency":   # measured once per run folder, reused on resume
-        table = latency.table_for(model, arch["input_size"], runtime, params.evaluate.latency_batch, run_dir, log)
+    table = latency.table_if_budgeted(params, model, arch["input_size"], runtime, run_dir, log)   # reused on resume
     dense = budget_counts(model, arch["input_size"], table)
     widths = dense_widths(model, arch)
     allocation.check_reachable(model, arch["input_size"], arch["num_classes"], pp.sparsity, pp.metric, pp.r_max,

@@ -186,8 +186,7 @@ def run_mrs(params: Params, checkpoint: str | Path, run_dir: str | Path, log=pri
         curves = loss_curves(result["curves"])
     result["seconds"] = time.perf_counter() - started
     ratios, result["allocation"] = {}, []
-    table = None if pp.metric != "latency" else latency.table_for(
-        model, arch["input_size"], runtime, params.evaluate.latency_batch, run_dir, log)
+    table = latency.table_if_budgeted(params, model, arch["input_size"], runtime, run_dir, log)
     for sparsity in sparsities or [pp.sparsity]:
         solved = allocation.solve(model, found, [r["mrs"] for r in result["groups"]], input_size=arch["input_size"],
                                   num_classes=arch["num_classes"], budget=sparsity, metric=pp.metric, alpha=pp.alpha,
