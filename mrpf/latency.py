@@ -8,8 +8,12 @@ the sum over its leaf modules of the table, interpolated bilinearly at their cur
 times the dense model's measured time over that sum for the dense model (residual
 additions, functional ops and framework overhead taken to shrink with the layers; a
 slower or faster machine moves the whole table alike). The budget search meets ``prune.sparsity`` on this
-prediction the way it meets MACs on Torch-Pruning's counter; ``mrpf prune`` reports the
-prediction and the pruned model's measured time side by side.
+prediction the way it meets MACs on Torch-Pruning's counter. The table alone misses what a
+model of uneven widths costs as a whole (odd channel counts run slower than their
+interpolation), so each pruning step then measures its candidate against the dense model, back
+to back, and corrects the target on the prediction until the measured time meets the budget
+(``calibrate``, NetAdapt's measure-the-proposal step). ``mrpf prune`` reports the prediction
+and the pruned model's measured time side by side.
 
 Hand-written: Torch-Pruning and timm count MACs and parameters, not time, and no maintained
 library builds per-layer latency tables for PyTorch modules on the CPU.
@@ -33,6 +37,9 @@ from .io import write_json
 WIDTH_FRACTIONS = (0.1, 0.325, 0.55, 0.775, 1.0)   # of a layer's dense widths, timed for the table
 TABLE_REPEATS = 5                                  # timed forward passes per table entry (the fastest counts)
 TABLE_FILE = "latency_table.json"                  # cached in the prune (or mrs) run's folder
+CALIBRATION_ROUNDS = 4        # candidates measured per pruning step (the first planned on the table alone)
+CALIBRATION_TOLERANCE = 0.03  # a candidate within this fraction of the target time ends the search
+MEASURE_ROUNDS = 3            # interleaved dense / candidate timings per measurement (fastest of each)
 
 
 def timed_ms(forward, device: torch.device, repeats: int, warmup: int = 3, reduce=statistics.median) -> float:
@@ -245,3 +252,60 @@ def budget_counts(model: nn.Module, input_size: int, table: LatencyTable | None 
     if table is not None:
         counts["latency"] = table.predict(model, input_size)
     return counts
+
+
+class MeasuredLatency:
+    """A model's forward time as a fraction of the dense model's, both timed back to back in
+    interleaved rounds (the fastest of each), so a machine's drift cancels in the ratio."""
+
+    def __init__(self, dense_model: nn.Module, input_size: int, runtime, batch: int, repeats: int):
+        self.dense, self.input_size, self.runtime = dense_model.eval(), input_size, runtime
+        self.batch, self.repeats = batch, repeats
+
+    def fraction(self, model: nn.Module) -> float:
+        from .evaluation import latency_ms
+
+        was_training = model.training
+        model.eval()
+        dense, candidate = [], []
+        for _ in range(MEASURE_ROUNDS):
+            for model_, times in ((self.dense, dense), (model, candidate)):
+                times.append(latency_ms(model_, self.input_size, self.runtime, self.batch, self.repeats, reduce=min))
+        model.train(was_training)
+        return min(candidate) / min(dense)
+
+
+def calibrate(plan, budget: float, model: nn.Module, input_size: int, dense_predicted: float,
+              table: LatencyTable, meter: MeasuredLatency, log=print) -> tuple[list[float], object, list[dict]]:
+    """Meet a latency ``budget`` on the measured time (NetAdapt, Yang et al., ECCV 2018: measure
+    each proposal). ``plan(target) -> (ratios, apply)`` plans a pruning of ``model`` to a
+    reduction ``target`` of the table's prediction (``apply(m)`` prunes ``m`` in place). Each
+    round prunes a copy, measures it against the dense model and rescales the target by the
+    measured over the predicted time: t' = 1 - (1 - budget)(1 - predicted)/(1 - measured).
+    Returns the ratios and ``apply`` of the candidate measured closest to the budget, and
+    every round's target, predicted and measured reduction."""
+    target, trace, best = budget, [], None
+    for round_ in range(CALIBRATION_ROUNDS):
+        try:
+            ratios, apply = plan(target)
+        except MrpfError as error:
+            if best is None:
+                raise
+            log(f"latency calibration stops at round {round_ + 1}: {error}")
+            break
+        candidate = copy.deepcopy(model)
+        apply(candidate)
+        predicted = 1 - table.predict(candidate, input_size) / dense_predicted
+        measured = 1 - meter.fraction(candidate)
+        trace.append({"target": target, "predicted": predicted, "measured": measured})
+        log(f"latency calibration {round_ + 1}: target {target:.1%} on the table, predicted {predicted:.1%}, "
+            f"measured {measured:.1%} (budget {budget:.1%})")
+        if best is None or abs(measured - budget) < abs(best[2] - budget):
+            best = (ratios, apply, measured)
+        if abs(measured - budget) <= CALIBRATION_TOLERANCE * (1 - budget) or measured >= 1:
+            break
+        target = 1 - (1 - budget) * (1 - predicted) / (1 - measured)
+        if not 0 < target < 1:
+            log(f"latency calibration stops: the corrected target {target:.1%} lies outside (0, 1)")
+            break
+    return best[0], best[1], trace

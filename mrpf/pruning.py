@@ -47,15 +47,17 @@ def dense_widths(model, arch: dict) -> dict[str, int]:
 
 def prune_step(model, arch, params: Params, calibration, runtime, budget, dense, log, *, step: int = 1,
                widths: dict[str, int] | None = None, dense_mrs: dict | None = None,
-               table: latency.LatencyTable | None = None) -> tuple[dict, list]:
+               table: latency.LatencyTable | None = None,
+               meter: latency.MeasuredLatency | None = None) -> tuple[dict, list]:
     """Prune ``model`` in place to ``budget`` (relative to ``dense`` counts) at pruning step
     ``step``, no group below 1 - r_max of its dense width (``widths``; default: the current
     ones); ``dense_mrs``: an MRS result of this very model to use instead of measuring it;
-    ``table``: the latency table, for ``prune.metric`` latency.
+    ``table``: the latency table, for ``prune.metric`` latency; ``meter``: with it, the budget
+    is met on the measured time (``latency.calibrate``).
     Return the step record and the pruning history of this step."""
     pp = params.prune
     arch_size, classes = arch["input_size"], arch["num_classes"]
-    graph, found = groups_mod.find_groups(model, arch_size, classes)
+    _, found = groups_mod.find_groups(model, arch_size, classes)
     widths = widths or {}
     dense_channels = [widths.get(g.root, g.channels) for g in found]
     record: dict = {"budget": budget, "groups": [g.describe() for g in found]}
@@ -80,18 +82,29 @@ def prune_step(model, arch, params: Params, calibration, runtime, budget, dense,
                     model, found, calibration, probe_adversary(params), runtime, settings, params.mrs.curve_ratios,
                     params.mrs.batch_size, log, measured=result)
                 curves = loss_curves(record["curves"])
-        solved = allocation.solve(model, found, mrs, input_size=arch_size, num_classes=classes, budget=budget,
-                                  metric=pp.metric, alpha=alpha, r_max=pp.r_max, cost_aware=cost_aware, dense=dense,
-                                  round_to=pp.round_to, dense_channels=dense_channels, curves=curves, table=table)
-        record["ratios"] = solved["ratios"]
-        history = allocation.apply_ratios(model, arch_size, classes, solved["ratios"], pp.round_to, solved["caps"])
+
+        def plan(target: float):
+            solved = allocation.solve(model, found, mrs, input_size=arch_size, num_classes=classes, budget=target,
+                                      metric=pp.metric, alpha=alpha, r_max=pp.r_max, cost_aware=cost_aware,
+                                      dense=dense, round_to=pp.round_to, dense_channels=dense_channels,
+                                      curves=curves, table=table)
+            return solved["ratios"], lambda m: allocation.apply_ratios(m, arch_size, classes, solved["ratios"],
+                                                                       pp.round_to, solved["caps"])
     else:
         scores = scoring.scores_for(pp.method, model, found, calibration, params, runtime, step)
         caps = [allocation.removal_cap(g.channels, d, pp.r_max) for g, d in zip(found, dense_channels)]
-        remove, _ = scoring.global_plan(model, found, scores, budget, pp.metric, caps, arch_size, classes, dense,
-                                        pp.round_to, table)
-        record["ratios"] = [len(remove[g.id]) / g.channels for g in found]
-        history = groups_mod.prune(graph, found, remove)
+
+        def plan(target: float):
+            remove, _ = scoring.global_plan(model, found, scores, target, pp.metric, caps, arch_size, classes,
+                                            dense, pp.round_to, table)
+            return ([len(remove[g.id]) / g.channels for g in found],
+                    lambda m: groups_mod.prune(*groups_mod.find_groups(m, arch_size, classes), remove))
+    if meter is None:
+        record["ratios"], apply = plan(budget)
+    else:
+        record["ratios"], apply, record["latency_calibration"] = latency.calibrate(
+            plan, budget, model, arch_size, dense["latency"], table, meter, log)
+    history = apply(model)
     record["scoring_seconds"] = time.perf_counter() - started  # MRS / scores + budget solve
     counts = budget_counts(model, arch_size, table)
     record.update(counts=counts, achieved=1 - counts[pp.metric] / dense[pp.metric])
@@ -137,6 +150,8 @@ def run_prune(params: Params, checkpoint: str | Path, run_dir: str | Path, log=p
     arch.setdefault("pruning_history", [])
     splits = data_mod.load_splits(params.data, with_test=False)
     table = latency.table_if_budgeted(params, model, arch["input_size"], runtime, run_dir, log)   # reused on resume
+    meter = None if table is None else latency.MeasuredLatency(
+        load_model(checkpoint, runtime)[0], arch["input_size"], runtime, table.batch, params.evaluate.latency_repeats)
     dense = budget_counts(model, arch["input_size"], table)
     widths = dense_widths(model, arch)
     allocation.check_reachable(model, arch["input_size"], arch["num_classes"], pp.sparsity, pp.metric, pp.r_max,
@@ -157,7 +172,8 @@ def run_prune(params: Params, checkpoint: str | Path, run_dir: str | Path, log=p
         budget = pp.sparsity * t / pp.steps
         log(f"step {t}/{pp.steps}: {pp.method} to {budget:.1%} {pp.metric} reduction")
         record, history = prune_step(model, arch, params, splits.calibration, runtime, budget, dense, log, step=t,
-                                     widths=widths, dense_mrs=dense_mrs if t == 1 else None, table=table)
+                                     widths=widths, dense_mrs=dense_mrs if t == 1 else None, table=table,
+                                     meter=meter)
         arch["pruning_history"] = arch["pruning_history"] + history
         epochs = pp.finetune_epochs + (pp.final_epochs if t == pp.steps else 0)
         record["finetune"] = train(finetune_params(params, epochs), run_dir / f"step{t}", log, model=model, arch=arch,
@@ -169,9 +185,8 @@ def run_prune(params: Params, checkpoint: str | Path, run_dir: str | Path, log=p
     summary = {"method": pp.method, "sparsity": pp.sparsity, "metric": pp.metric, "dense": dense,
                "counts": steps[-1]["counts"], "achieved": steps[-1]["achieved"], "steps": steps}
     if table is not None:   # the table's prediction against the pruned model's measured time
-        dense_model = load_model(checkpoint, runtime)[0]
         timed = [latency_ms(m.eval(), arch["input_size"], runtime, table.batch, params.evaluate.latency_repeats)
-                 for m in (dense_model, model)]
+                 for m in (meter.dense, model)]
         summary["measured_latency_ms"] = {"dense": timed[0], "pruned": timed[1], "batch": table.batch}
         summary["measured_achieved"] = 1 - timed[1] / timed[0]
         log(f"latency: predicted {summary['achieved']:.1%} reduction, measured {summary['measured_achieved']:.1%} "
