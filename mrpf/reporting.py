@@ -3,8 +3,8 @@
 ``mrpf report`` reads every run of the active grid (eval.json, eval_per_image.npz,
 prune.json under ``results/``) and writes ``reports/summary.md`` (per dataset x
 architecture x training method: every run; runs that differ only in their fine-tuning
-seed as mean ± sd with seeds x images intervals; the fine-tuning-length curve where the
-grid has one), ``reports/robustness.csv`` (one row per run, for ``dvc plots``) and
+seed as mean ± sd with seeds x images intervals; the channels each group kept; the
+fine-tuning-length curve where the grid has one), ``reports/robustness.csv`` (one row per run, for ``dvc plots``) and
 ``reports/robustness.png`` (PGD accuracy vs sparsity per method with intervals).
 """
 
@@ -13,11 +13,12 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_path, read_json
+from .io import atomic_path, load_checkpoint, read_json
 
 ATTACKS = [("clean", "clean"), ("fgsm", "FGSM"), ("pgd", "PGD-20"), ("cw", "CW"), ("autoattack", "AA")]
 BASELINE = "uniform_l1"
@@ -91,6 +92,21 @@ def _costs(folder: Path) -> dict:
             "finetune_seconds": sum(s.get("finetune", {}).get("train_seconds", 0.0) for s in steps)}
 
 
+def _widths(folder: Path) -> list[tuple[str, int, int]]:
+    """Each pruning group's (root layer, channels kept, dense channels) at the end of a pruned
+    run, in the order of the checkpoint's layers: the allocation the run ended with. Dense widths
+    from the first step's groups (prune.json), kept ones from the checkpoint's weights."""
+    if not ((folder / "prune.json").is_file() and (folder / "checkpoint.pt").is_file()):
+        return []
+    steps = read_json(folder / "prune.json").get("steps", [])
+    dense = {g["root"]: g["channels"] for g in (steps[0].get("groups", []) if steps else [])}
+    if not dense:
+        return []
+    state = load_checkpoint(folder / "checkpoint.pt")["state_dict"]
+    return [(key.removesuffix(".weight"), int(tensor.shape[0]), dense[key.removesuffix(".weight")])
+            for key, tensor in state.items() if key.endswith(".weight") and key.removesuffix(".weight") in dense]
+
+
 def collect(config: dict, results: str | Path, log=print) -> list[dict]:
     """One row per evaluated model of the active grid (dense first): its metrics, its
     per-image outcomes (``outcomes``, not written out) and, for pruned runs, the paired
@@ -113,7 +129,8 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
                        sparsity=0.0 if run is None else float(run.sparsity),
                        seed=None if run is None else run.seed, tag=None if run is None else run.tag,
                        finetune_epochs=None if run is None else _finetune_epochs(folder), outcomes={},
-                       overrides=() if run is None else run.overrides)
+                       overrides=() if run is None else run.overrides,
+                       widths=[] if run is None else _widths(folder))
             table.append(row)
             if not (folder / "eval.json").is_file():
                 log(f"report: no {folder / 'eval.json'} yet; row left empty")
@@ -297,6 +314,7 @@ def summary_markdown(rows: list[dict], grid_name: str) -> str:
                      str(r["latency_batch"]), _pct(r.get("pgd_acc")),
                      "(baseline)" if r["method"] == BASELINE else _interval(r.get("delta_pgd"))] for r in budgeted]
             _table(out, headers, body)
+        _widths_table(out, table)
         curve = finetune_curve(table)
         if curve:
             out.write(f"\n### Fine-tuning length (seed {curve[0]['seed']})\n\n")
@@ -306,6 +324,30 @@ def summary_markdown(rows: list[dict], grid_name: str) -> str:
                     + ["(baseline)" if r["method"] == BASELINE else _interval(r.get("delta_pgd"))] for r in curve]
             _table(out, headers, body)
     return out.getvalue()
+
+
+def _widths_table(out: io.StringIO, table: list[dict]) -> None:
+    """Channels kept / dense per pruning group (columns in layer order), for the pruned runs
+    of the lowest fine-tuning seed: where each method spent the budget."""
+    pruned = [r for r in table if r["widths"]]
+    if not pruned:
+        return
+    seed = min((r["seed"] for r in pruned if r["seed"] is not None), default=None)
+    shown = [r for r in pruned if r["seed"] == seed]
+    roots = [root for root, _, _ in max(shown, key=lambda r: len(r["widths"]))["widths"]]
+    common = os.path.commonprefix(roots)
+    prefix = common[:common.rfind(".") + 1]
+    out.write("\n### Channels kept per group\n\nChannels each pruning group keeps at the end of the run / its "
+              "dense width; groups named by their first layer"
+              + (f" (after `{prefix}`)" if prefix else "") + ", in layer order"
+              + (f"; seed {seed}" if seed is not None else "") + ".\n\n")
+    headers = ["run"] + [root[len(prefix):] for root in roots] + ["params"]
+    body = []
+    for r in shown:
+        kept = {root: f"{k}/{d}" for root, k, d in r["widths"]}
+        body.append([r["run"]] + [kept.get(root, "—") for root in roots]
+                    + [f"{r['params'] / 1e6:.3f} M" if r.get("params") else "—"])
+    _table(out, headers, body)
 
 
 def _beyond_length(overrides: tuple[str, ...]) -> list[str]:
@@ -360,7 +402,10 @@ def plot_robustness(rows: list[dict], path: str | Path) -> None:
         ax.set_xlabel("sparsity (MACs removed)")
         ax.set_ylabel("PGD accuracy (%), mean over seeds")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no evaluated runs yet", ha="center", va="center", transform=ax.transAxes)
         if n_rows == 2:
             ax = axes[1][column]
             curve = curves[panel]

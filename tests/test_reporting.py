@@ -121,3 +121,41 @@ def test_a_grid_still_running_is_reported_with_the_rows_it_has(report, tmp_path)
     assert row["reduction"] is None and row["delta_pgd"] == pytest.approx(
         next(r for r in rows if r["run"] == "mrpf-0.9-s1")["delta_pgd"])
     assert "| mrpf " in (tmp_path / "partial/summary.md").read_text()
+
+
+def test_kept_channels_per_group_come_from_the_checkpoint_in_layer_order(report, tmp_path):
+    """The widths table reads each group's dense width from prune.json and the kept one from
+    the checkpoint's weights, columns in the checkpoint's layer order (not prune.json's)."""
+    import torch
+
+    from mrpf.io import save_checkpoint
+
+    base = tmp_path / "results/cifar10/vgg11_w8/pgd_at"
+    groups = [{"root": "net.features.4", "channels": 16}, {"root": "net.features.0", "channels": 8}]
+    for run, (first, second) in {"mrpf-0.9-s0": (6, 3), "uniform_l1-0.9-s0": (3, 5),
+                                 "mrpf-0.9-s1": (7, 7)}.items():
+        record = json.loads((base / run / "prune.json").read_text())
+        record["steps"][0]["groups"] = groups
+        (base / run / "prune.json").write_text(json.dumps(record))
+        state = {"net.features.0.weight": torch.zeros(first, 3, 3, 3), "net.features.0.bias": torch.zeros(first),
+                 "net.features.4.weight": torch.zeros(second, first, 3, 3), "net.classifier.weight": torch.zeros(10, 4)}
+        save_checkpoint(base / run / "checkpoint.pt", {"name": "vgg11_w8"}, state)
+    config = {"grid": "g", "grids": {"g": GRID}}
+    reporting.write_report(config, tmp_path / "results", tmp_path / "widths", log=lambda *_: None)
+    section = (tmp_path / "widths/summary.md").read_text().split("### Channels kept per group")[1].split("###")[0]
+    lines = [x for x in section.splitlines() if x.startswith("|")]
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["run", "0", "4", "params"]
+    cells = {c[0]: c[1:3] for c in ([c.strip() for c in x.split("|")[1:-1]] for x in lines[2:])}
+    assert cells == {"mrpf-0.9-s0": ["6/8", "3/16"], "uniform_l1-0.9-s0": ["3/8", "5/16"]}   # seed 0 only
+
+
+def test_a_grid_without_evaluations_draws_a_plot_that_says_so(tmp_path):
+    import warnings
+
+    config = {"grid": "g", "grids": {"g": GRID}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = reporting.write_report(config, tmp_path / "results", tmp_path / "reports", log=lambda *_: None)
+    assert not [w for w in caught if "artists" in str(w.message)]
+    assert (tmp_path / "reports/robustness.png").stat().st_size > 0
+    assert all(r.get("pgd_acc") is None for r in rows)
