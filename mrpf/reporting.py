@@ -130,7 +130,7 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
                        seed=None if run is None else run.seed, tag=None if run is None else run.tag,
                        finetune_epochs=None if run is None else _finetune_epochs(folder), outcomes={},
                        overrides=() if run is None else run.overrides,
-                       widths=[] if run is None else _widths(folder))
+                       widths=[] if run is None else _widths(folder), **_costs(folder))
             table.append(row)
             if not (folder / "eval.json").is_file():
                 log(f"report: no {folder / 'eval.json'} yet; row left empty")
@@ -138,7 +138,7 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
             metrics = read_json(folder / "eval.json")
             row.update({f"{a}_acc": metrics.get(f"{a}_acc") for a, _ in ATTACKS}, params=metrics["params"],
                        macs=metrics["macs"], pgd_steps=metrics.get("pgd_steps"))
-            row.update(**_costs(folder), **_latency_budget(folder), latency_ms=metrics.get("latency_ms"))
+            row.update(**_latency_budget(folder), latency_ms=metrics.get("latency_ms"))
             if run is None:
                 dense_macs = metrics["macs"]
             row["reduction"] = 1 - metrics["macs"] / dense_macs if dense_macs else None

@@ -114,13 +114,19 @@ def test_a_grid_still_running_is_reported_with_the_rows_it_has(report, tmp_path)
     """Before the dense model is evaluated (the pipeline evaluates it with AutoAttack, late), the
     pruned runs are reported without their MACs reduction."""
     folder, rows, outcomes = report
-    (tmp_path / "results/cifar10/vgg11_w8/pgd_at/dense/eval.json").unlink()
+    base = tmp_path / "results/cifar10/vgg11_w8/pgd_at"
+    (base / "dense/eval.json").unlink()
+    (base / "dense/train_metrics.json").write_text(json.dumps({"train_seconds": 600.0}))
+    record = json.loads((base / "mrpf-0.9-s1/prune.json").read_text())
+    record["steps"][0]["scoring_seconds"] = 12.0
+    (base / "mrpf-0.9-s1/prune.json").write_text(json.dumps(record))
     config = {"grid": "g", "grids": {"g": GRID}}
     partial = reporting.write_report(config, tmp_path / "results", tmp_path / "partial", log=lambda *_: None)
     row = next(r for r in partial if r["run"] == "mrpf-0.9-s1")
     assert row["reduction"] is None and row["delta_pgd"] == pytest.approx(
         next(r for r in rows if r["run"] == "mrpf-0.9-s1")["delta_pgd"])
     assert "| mrpf " in (tmp_path / "partial/summary.md").read_text()
+    assert row["scoring_share"] == pytest.approx(12.0 / 600.0)   # costs need no evaluation
 
 
 def test_kept_channels_per_group_come_from_the_checkpoint_in_layer_order(report, tmp_path):
