@@ -4,8 +4,9 @@
 prune.json under ``results/``) and writes ``reports/summary.md`` (per dataset x
 architecture x training method: every run; runs that differ only in their fine-tuning
 seed as mean ± sd with seeds x images intervals; the channels each group kept; the
-fine-tuning-length curve where the grid has one), ``reports/robustness.csv`` (one row per run, for ``dvc plots``) and
-``reports/robustness.png`` (PGD accuracy vs sparsity per method with intervals).
+fine-tuning-length curve where the grid has one), ``reports/robustness.csv`` (one row per
+run, for ``dvc plots``) and ``reports/robustness.png`` (PGD accuracy vs sparsity per method
+with intervals).
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def _widths(folder: Path) -> list[tuple[str, int, int]]:
     if not dense:
         return []
     state = load_checkpoint(folder / "checkpoint.pt")["state_dict"]
-    return [(key.removesuffix(".weight"), int(tensor.shape[0]), dense[key.removesuffix(".weight")])
-            for key, tensor in state.items() if key.endswith(".weight") and key.removesuffix(".weight") in dense]
+    kept = {key.removesuffix(".weight"): int(t.shape[0]) for key, t in state.items() if key.endswith(".weight")}
+    return [(root, width, dense[root]) for root, width in kept.items() if root in dense]
 
 
 def collect(config: dict, results: str | Path, log=print) -> list[dict]:
