@@ -202,13 +202,15 @@ def solve(model: nn.Module, groups: list[groups_mod.Group], mrs: list[float], *,
           budget: float, metric: str = "macs", alpha: float = 1.0, r_max: float = 0.9, cost_aware: bool = True,
           dense: dict | None = None, iterations: int = 30, round_to: int = 1,
           dense_channels: list[int] | None = None, curves: list[LossCurve] | None = None,
-          table: LatencyTable | None = None) -> dict:
+          table: LatencyTable | None = None, strength: float = 1.0) -> dict:
     """Per-group ratios whose pruned model removes ``budget`` of the dense model's ``metric``.
 
     ``dense``: counts of the reference model the budget is relative to (default: ``model``);
     ``dense_channels``: each group's dense width, against which ``r_max`` holds (default: now);
     ``curves``: one ``LossCurve`` per group for the loss-curve rule (then ``mrs`` and ``alpha``
-    are not used); ``table``: the latency table, for ``metric`` latency.
+    are not used); ``table``: the latency table, for ``metric`` latency; ``strength``: the rule
+    raised to this power, r_g = min(cap_g, lambda (w_g / MRS_g^alpha)^strength), from uniform (0)
+    to the paper's rule (1; ``prune.allocation: joint_search``).
     Returns ``{"ratios", "caps", "lambda", "achieved", "counts"}`` (``caps``: channels each group
     may lose, for ``apply_ratios``).
     """
@@ -223,6 +225,7 @@ def solve(model: nn.Module, groups: list[groups_mod.Group], mrs: list[float], *,
     total = sum(c * g.channels for c, g in zip(costs, groups))
     weights = [c * g.channels / total for c, g in zip(costs, groups)] if cost_aware else [1.0] * len(groups)
     mrs = [max(float(s), 1e-12) for s in mrs]
+    weights, alpha = [w ** strength for w in weights], alpha * strength
     dense_channels = dense_channels or [g.channels for g in groups]
     caps = [removal_cap(g.channels, d, r_max) for g, d in zip(groups, dense_channels)]
     r_caps = [cap / g.channels for cap, g in zip(caps, groups)]

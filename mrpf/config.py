@@ -32,7 +32,7 @@ ALLOCATION_METHODS = ("mrpf", "mrpf_clean", "uniform_l1")      # per-group ratio
 GLOBAL_METHODS = ("global_magnitude", "taylor_adv", "random")    # one global threshold on channel scores
 PRUNE_METHODS = ALLOCATION_METHODS + GLOBAL_METHODS
 BUDGET_METRICS = ("macs", "params", "latency")
-ALLOCATION_RULES = ("inverse_mrs", "loss_curve")   # how mrpf turns probe results into per-group ratios
+ALLOCATION_RULES = ("inverse_mrs", "loss_curve", "joint_search")   # how mrpf turns probe results into per-group ratios
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +109,7 @@ class PruneParams:
     sparsity: float = 0.5               # S: fraction of the dense model's budget metric removed
     metric: str = "macs"                # macs | params | latency (measured table, mrpf/latency.py)
     allocation: str = "inverse_mrs"     # inverse_mrs: r ~ w / MRS^alpha | loss_curve: min predicted loss rise
+                                        # | joint_search: r ~ (w / MRS^alpha)^t, t by the jointly pruned model
     alpha: float = 1.0                  # exponent on MRS in the allocation
     r_max: float = 0.9                  # no group loses more than this fraction of its dense channels
     cost_aware: bool = True             # weight ratios by the group's share of the budget metric

@@ -7,7 +7,8 @@ final fine-tune of ``prune.final_epochs`` follows. Every method gets the same sc
 and fine-tuning budget, so the comparison isolates the pruning criterion.
 
 Methods (``config.PRUNE_METHODS``):
-- ``mrpf``: per-group ratios from MRS (robust signal) by the budget solve (allocation.py);
+- ``mrpf``: per-group ratios from MRS (robust signal) by the budget solve (allocation.py; with
+  ``prune.allocation: joint_search`` the rule's strength is chosen on the pruned copies, selection.py);
 - ``mrpf_clean``: the same with the clean signal (delta = 0);
 - ``uniform_l1``: the same ratio in every group (alpha = 0, no cost weights);
 - ``global_magnitude``, ``taylor_adv``, ``random``: one global threshold on channel scores
@@ -23,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from . import allocation, devices, latency, scoring
+from . import allocation, devices, latency, scoring, selection
 from . import data as data_mod
 from . import groups as groups_mod
 from .config import ALLOCATION_METHODS, Params
@@ -63,7 +64,7 @@ def prune_step(model, arch, params: Params, calibration, runtime, budget, dense,
     record: dict = {"budget": budget, "groups": [g.describe() for g in found]}
     started = time.perf_counter()
     if pp.method in ALLOCATION_METHODS:
-        curves = None
+        curves, search = None, False
         if pp.method == "uniform_l1":
             mrs, alpha, cost_aware = [1.0] * len(found), 0.0, False
         else:
@@ -76,18 +77,26 @@ def prune_step(model, arch, params: Params, calibration, runtime, budget, dense,
                                      params.mrs.batch_size, log)
             record["mrs"] = result
             mrs = [row["mrs"] for row in result["groups"]]
-            alpha, cost_aware = pp.alpha, pp.cost_aware
+            alpha, cost_aware, search = pp.alpha, pp.cost_aware, pp.allocation == "joint_search"
             if pp.allocation == "loss_curve":
                 record["curves"] = result["curves"] if dense_mrs is not None else compute_curves(
                     model, found, calibration, probe_adversary(params), runtime, settings, params.mrs.curve_ratios,
                     params.mrs.batch_size, log, measured=result)
                 curves = loss_curves(record["curves"])
 
+        def solve_at(target: float, strength: float = 1.0) -> dict:
+            return allocation.solve(model, found, mrs, input_size=arch_size, num_classes=classes, budget=target,
+                                    metric=pp.metric, alpha=alpha, r_max=pp.r_max, cost_aware=cost_aware,
+                                    dense=dense, round_to=pp.round_to, dense_channels=dense_channels,
+                                    curves=curves, table=table, strength=strength)
+
         def plan(target: float):
-            solved = allocation.solve(model, found, mrs, input_size=arch_size, num_classes=classes, budget=target,
-                                      metric=pp.metric, alpha=alpha, r_max=pp.r_max, cost_aware=cost_aware,
-                                      dense=dense, round_to=pp.round_to, dense_channels=dense_channels,
-                                      curves=curves, table=table)
+            if search:
+                solved, record["search"] = selection.select_strength(
+                    lambda strength: solve_at(target, strength), model, calibration, probe_adversary(params),
+                    runtime, params.mrs.batch_size, arch_size, classes, pp.round_to, log)
+            else:
+                solved = solve_at(target)
             return solved["ratios"], lambda m: allocation.apply_ratios(m, arch_size, classes, solved["ratios"],
                                                                        pp.round_to, solved["caps"])
     else:

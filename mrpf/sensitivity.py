@@ -42,7 +42,7 @@ class MrsSettings:
     seed: int = 0                # the same PGD random starts for every probe
 
 
-def _robust_loss(model, batches, adversary: Adversary | None, fixed_deltas: list | None, seed: int):
+def robust_loss(model, batches, adversary: Adversary | None, fixed_deltas: list | None, seed: int):
     """(mean CE, accuracy, deltas) over the calibration batches, in eval mode."""
     model.eval()
     total, correct, count, deltas = 0.0, 0, 0, []
@@ -114,13 +114,13 @@ def _compute_mrs(model, groups, calibration, adversary, runtime, settings, batch
     batches = list(data_mod.Batches(calibration, batch_size, runtime.device, channels_last=runtime.channels_last))
     attack = None if settings.signal == "clean" else adversary
     was_training = model.training
-    base_loss, base_acc, base_deltas = _robust_loss(model, batches, attack, None, settings.seed)
+    base_loss, base_acc, base_deltas = robust_loss(model, batches, attack, None, settings.seed)
     rows = []
     for group in groups:
         channels = probe_channels(model, group, settings.probe_ratio)
         fixed = base_deltas if (settings.attack == "fixed" and attack is not None) else None
         with masked(model, group, channels):
-            loss, acc, _ = _robust_loss(model, batches, attack, fixed, settings.seed)
+            loss, acc, _ = robust_loss(model, batches, attack, fixed, settings.seed)
         mrs = max(settings.floor, (loss - base_loss) / base_loss) if base_loss > 0 else settings.floor
         rows.append({**group.describe(), "probe_channels": len(channels), "probe_loss": loss,
                      "probe_acc": acc, "mrs": mrs})

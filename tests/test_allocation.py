@@ -186,3 +186,17 @@ def test_loss_curve_allocation_meets_the_budget_and_spares_the_steep_groups():
                            curves=curves)
     assert abs(out["achieved"] - 0.5) <= 0.01
     assert max(out["ratios"][g] for g in steep) < min(r for g, r in enumerate(out["ratios"]) if g not in steep)
+
+
+def test_strength_runs_from_uniform_to_the_papers_rule():
+    """r_g ~ (w_g / MRS_g^alpha)^t (prune.allocation: joint_search): t = 0 is uniform pruning,
+    t = 1 the inverse-MRS rule, and in between the ratios lie between the two."""
+    model, found, mrs = _setup("vgg16_w4")
+    solve = lambda **kw: allocation.solve(model, found, mrs, input_size=32, num_classes=10, budget=0.5, **kw)  # noqa: E731
+    uniform = solve(alpha=0.0, cost_aware=False)["ratios"]
+    assert solve(strength=0.0)["ratios"] == uniform and len(set(uniform)) == 1
+    assert solve(strength=1.0)["ratios"] == solve()["ratios"]
+    rule, half = solve()["ratios"], solve(strength=0.5)["ratios"]
+    assert rule != uniform
+    spread = lambda r: max(r) - min(r)  # noqa: E731
+    assert 0 < spread(half) < spread(rule)
