@@ -108,6 +108,14 @@ def _widths(folder: Path) -> list[tuple[str, int, int]]:
     return [(root, width, dense[root]) for root, width in kept.items() if root in dense]
 
 
+def _search(folder: Path) -> list[list[dict]]:
+    """Per pruning step, the candidates of ``prune.allocation: joint_search`` (strength, robust
+    loss after adaptive BN; prune.json), empty for the other runs."""
+    path = folder / "prune.json"
+    steps = read_json(path).get("steps", []) if path.is_file() else []
+    return [step["search"] for step in steps if step.get("search")]
+
+
 def collect(config: dict, results: str | Path, log=print) -> list[dict]:
     """One row per evaluated model of the active grid (dense first): its metrics, its
     per-image outcomes (``outcomes``, not written out) and, for pruned runs, the paired
@@ -131,7 +139,8 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
                        seed=None if run is None else run.seed, tag=None if run is None else run.tag,
                        finetune_epochs=None if run is None else _finetune_epochs(folder), outcomes={},
                        overrides=() if run is None else run.overrides,
-                       widths=[] if run is None else _widths(folder), **_costs(folder))
+                       widths=[] if run is None else _widths(folder),
+                       search=[] if run is None else _search(folder), **_costs(folder))
             table.append(row)
             if not (folder / "eval.json").is_file():
                 log(f"report: no {folder / 'eval.json'} yet; row left empty")
@@ -316,6 +325,7 @@ def summary_markdown(rows: list[dict], grid_name: str) -> str:
                      "(baseline)" if r["method"] == BASELINE else _interval(r.get("delta_pgd"))] for r in budgeted]
             _table(out, headers, body)
         _widths_table(out, table)
+        _search_table(out, table)
         curve = finetune_curve(table)
         if curve:
             out.write(f"\n### Fine-tuning length (seed {curve[0]['seed']})\n\n")
@@ -348,6 +358,27 @@ def _widths_table(out: io.StringIO, table: list[dict]) -> None:
         kept = {root: f"{k}/{d}" for root, k, d in r["widths"]}
         body.append([r["run"]] + [kept.get(root, "—") for root in roots]
                     + [f"{r['params'] / 1e6:.3f} M" if r.get("params") else "—"])
+    _table(out, headers, body)
+
+
+def _search_table(out: io.StringIO, table: list[dict]) -> None:
+    """The strength ``joint_search`` chose at each pruning step, with every candidate's robust loss."""
+    searched = [r for r in table if r["search"]]
+    if not searched:
+        return
+    steps = max(len(r["search"]) for r in searched)
+    out.write("\n### Strength chosen on the jointly pruned model\n\n`prune.allocation: joint_search` "
+              "(docs/method.md): per pruning step the chosen strength t (0: uniform, 1: the inverse-MRS rule) "
+              "and the robust loss on the calibration images of each candidate, in order of t.\n\n")
+    headers = ["run"] + [f"step {t + 1}" for t in range(steps)]
+    body = []
+    for r in searched:
+        cells = []
+        for candidates in r["search"]:
+            best = min(candidates, key=lambda c: c["robust_loss"])
+            cells.append(f"t = {best['strength']:g} ("
+                         + " / ".join(f"{c['robust_loss']:.3f}" for c in candidates) + ")")
+        body.append([r["run"]] + cells + ["—"] * (steps - len(cells)))
     _table(out, headers, body)
 
 

@@ -155,6 +155,22 @@ def test_kept_channels_per_group_come_from_the_checkpoint_in_layer_order(report,
     assert cells == {"mrpf-0.9-s0": ["6/8", "3/16"], "uniform_l1-0.9-s0": ["3/8", "5/16"]}   # seed 0 only
 
 
+def test_the_strength_joint_search_chose_is_reported_per_step(report, tmp_path):
+    """A joint_search run's prune.json candidates become one row: per step the strength with the
+    lowest robust loss and every candidate's loss; runs without a search get no row."""
+    base = tmp_path / "results/cifar10/vgg11_w8/pgd_at"
+    record = json.loads((base / "mrpf-0.9-s0" / "prune.json").read_text())
+    losses = [[2.3, 2.2, 2.25], [3.1, 3.2, 3.0]]
+    record["steps"] = [dict(record["steps"][0], search=[{"strength": t, "robust_loss": x}
+                                                        for t, x in zip((0, 0.5, 1), step)]) for step in losses]
+    (base / "mrpf-0.9-s0" / "prune.json").write_text(json.dumps(record))
+    reporting.write_report({"grid": "g", "grids": {"g": GRID}}, tmp_path / "results", tmp_path / "search",
+                           log=lambda *_: None)
+    section = (tmp_path / "search/summary.md").read_text().split("### Strength chosen")[1].split("###")[0]
+    rows = [[c.strip() for c in x.split("|")[1:-1]] for x in section.splitlines() if x.startswith("|")][2:]
+    assert rows == [["mrpf-0.9-s0", "t = 0.5 (2.300 / 2.200 / 2.250)", "t = 1 (3.100 / 3.200 / 3.000)"]]
+
+
 def test_a_grid_without_evaluations_draws_a_plot_that_says_so(tmp_path):
     import warnings
 
