@@ -62,44 +62,48 @@ def plot_mrs(mrs: dict, ratios: dict[float, list[float]] | None, path: str | Pat
     plt.close(fig)
 
 
-def _finetune_epochs(folder: Path) -> int | None:
-    """Fine-tuning epochs a pruned run had in all (prune.json's steps)."""
+def _prune_record(folder: Path) -> dict | None:
+    """A pruned run's prune.json (read once per run; None where the run has none yet)."""
     path = folder / "prune.json"
-    if not path.is_file():
+    return read_json(path) if path.is_file() else None
+
+
+def _finetune_epochs(record: dict | None) -> int | None:
+    """Fine-tuning epochs a pruned run had in all (prune.json's steps)."""
+    if record is None:
         return None
-    return sum(int(step.get("finetune", {}).get("epochs", 0)) for step in read_json(path).get("steps", []))
+    return sum(int(step.get("finetune", {}).get("epochs", 0)) for step in record.get("steps", []))
 
 
-def _latency_budget(folder: Path) -> dict:
+def _latency_budget(record: dict | None) -> dict:
     """A latency-budgeted run's reductions (prune.json): predicted by the latency table and
     measured on the dense and pruned models back to back (docs/method.md)."""
-    path = folder / "prune.json"
-    record = read_json(path) if path.is_file() else {}
+    record = record or {}
     if record.get("metric") != "latency" or "measured_achieved" not in record:
         return {}
     return {"latency_predicted": record["achieved"], "latency_measured": record["measured_achieved"],
             "latency_batch": record["measured_latency_ms"]["batch"]}
 
 
-def _costs(folder: Path) -> dict:
+def _costs(folder: Path, record: dict | None) -> dict:
     """Seconds of a run: the dense model's training (train_metrics.json); a pruned run's
     scoring (MRS, curves, scores and budget solve) and fine-tuning over all steps (prune.json)."""
     if (folder / "train_metrics.json").is_file():
         return {"train_seconds": read_json(folder / "train_metrics.json").get("train_seconds")}
-    if not (folder / "prune.json").is_file():
+    if record is None:
         return {}
-    steps = read_json(folder / "prune.json").get("steps", [])
+    steps = record.get("steps", [])
     return {"scoring_seconds": sum(s.get("scoring_seconds", 0.0) for s in steps),
             "finetune_seconds": sum(s.get("finetune", {}).get("train_seconds", 0.0) for s in steps)}
 
 
-def _widths(folder: Path) -> list[tuple[str, int, int]]:
+def _widths(folder: Path, record: dict | None) -> list[tuple[str, int, int]]:
     """Each pruning group's (root layer, channels kept, dense channels) at the end of a pruned
     run, in the order of the checkpoint's layers: the allocation the run ended with. Dense widths
     from the first step's groups (prune.json), kept ones from the checkpoint's weights."""
-    if not ((folder / "prune.json").is_file() and (folder / "checkpoint.pt").is_file()):
+    if record is None or not (folder / "checkpoint.pt").is_file():
         return []
-    steps = read_json(folder / "prune.json").get("steps", [])
+    steps = record.get("steps", [])
     dense = {g["root"]: g["channels"] for g in (steps[0].get("groups", []) if steps else [])}
     if not dense:
         return []
@@ -108,12 +112,10 @@ def _widths(folder: Path) -> list[tuple[str, int, int]]:
     return [(root, width, dense[root]) for root, width in kept.items() if root in dense]
 
 
-def _search(folder: Path) -> list[list[dict]]:
+def _search(record: dict | None) -> list[list[dict]]:
     """Per pruning step, the candidates of ``prune.allocation: joint_search`` (strength, robust
     loss after adaptive BN; prune.json), empty for the other runs."""
-    path = folder / "prune.json"
-    steps = read_json(path).get("steps", []) if path.is_file() else []
-    return [step["search"] for step in steps if step.get("search")]
+    return [step["search"] for step in (record or {}).get("steps", []) if step.get("search")]
 
 
 def collect(config: dict, results: str | Path, log=print) -> list[dict]:
@@ -134,13 +136,13 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
         for run in [None] + runs:
             name = "dense" if run is None else run.name
             folder = results / cell["dataset"] / cell["arch"] / cell["tm"] / name
+            record = None if run is None else _prune_record(folder)
             row = dict(cell, run=name, method="dense" if run is None else run.pm,
                        sparsity=0.0 if run is None else float(run.sparsity),
                        seed=None if run is None else run.seed, tag=None if run is None else run.tag,
-                       finetune_epochs=None if run is None else _finetune_epochs(folder), outcomes={},
+                       finetune_epochs=_finetune_epochs(record), outcomes={},
                        overrides=() if run is None else run.overrides,
-                       widths=[] if run is None else _widths(folder),
-                       search=[] if run is None else _search(folder), **_costs(folder))
+                       widths=_widths(folder, record), search=_search(record), **_costs(folder, record))
             table.append(row)
             if not (folder / "eval.json").is_file():
                 log(f"report: no {folder / 'eval.json'} yet; row left empty")
@@ -148,7 +150,7 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
             metrics = read_json(folder / "eval.json")
             row.update({f"{a}_acc": metrics.get(f"{a}_acc") for a, _ in ATTACKS}, params=metrics["params"],
                        macs=metrics["macs"], pgd_steps=metrics.get("pgd_steps"))
-            row.update(**_latency_budget(folder), latency_ms=metrics.get("latency_ms"))
+            row.update(**_latency_budget(record), latency_ms=metrics.get("latency_ms"))
             if run is None:
                 dense_macs = metrics["macs"]
             row["reduction"] = 1 - metrics["macs"] / dense_macs if dense_macs else None
