@@ -13,7 +13,7 @@
 #   .gpu/site   unpacked torch-pruning and pyautoattack (or wheels in .whl/, installed from there)
 #   .gpu/data   cifar10-subset-{train,test}.npz (else ../shared/data; else generated images)
 #   .gpu/ckpt   {dense,uniform_l1-0.5,uniform_l1-0.7,mrpf-0.5,mrpf-0.7}/checkpoint.pt for c
-#               (else runs/core-acceptance and runs/compare/*-s0; c is skipped without them)
+#               (else the evidence grid's dense and *-s0 runs; c is skipped without them)
 #   bash bench/gpu_check.sh
 #   GPU_CHECK_SMOKE=1 bash bench/gpu_check.sh     # the same steps, tiny, on the CPU (tests this script)
 set -euo pipefail
@@ -63,8 +63,9 @@ if [ -d .gpu/ckpt ]; then
   ckpt=.gpu/ckpt; dense=$ckpt/dense/checkpoint.pt
   pruned=($ckpt/{uniform_l1,mrpf}-{0.5,0.7}/checkpoint.pt)
 else
-  dense=runs/core-acceptance/checkpoint.pt
-  pruned=(runs/compare/{uniform_l1,mrpf}-{0.5,0.7}-s0/checkpoint.pt)
+  evidence=experiments/evidence/results/cifar10/vgg11_w2/pgd_at
+  dense=$evidence/dense/checkpoint.pt
+  pruned=($evidence/{uniform_l1,mrpf}-{0.5,0.7}-s0/checkpoint.pt)
 fi
 if [ -f "$dense" ]; then
   for b in "${batches[@]}"; do

@@ -5,8 +5,8 @@ one batch, interleaved rounds) against the MACs ratio = dense MACs / pruned MACs
 target is speedup >= 0.7 x MACs ratio on CPU (0.8 on an H100). Latency does not depend on
 the weights, only on the channel counts, so any pruned checkpoint of the dense model works.
 
-    python -m bench.pruned_speedup [--dense runs/core-acceptance/checkpoint.pt]
-        [--pruned runs/compare/{uniform_l1,mrpf}-{0.5,0.7}-s0/checkpoint.pt] [--batch 128] [--device cpu]
+    python -m bench.pruned_speedup [--dense EVIDENCE/dense/checkpoint.pt]
+        [--pruned EVIDENCE/{uniform_l1,mrpf}-{0.5,0.7}-s0/checkpoint.pt] [--batch 128] [--device cpu]
         [--threads N] [--name NAME]
     python -m bench.pruned_speedup --per-layer --name pruned-layers-cpu   # where each model's time goes
 
@@ -15,6 +15,9 @@ module hooks, the GPU synchronised around each), to show which layers the time s
 ``--onnx`` also exports each model (``mrpf export``) and times it in ONNX Runtime (CPU; the
 CUDA provider where the device is CUDA and ORT has it), in the same interleaved rounds: the
 speedup where a pruned model is deployed.
+
+EVIDENCE is the `evidence` grid's results for the core acceptance model
+(``experiments/evidence/results/cifar10/vgg11_w2/pgd_at``; ``snakemake --config grid=evidence``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from mrpf.devices import setup
 from mrpf.evaluation import latency_ms, load_model
 from mrpf.models import count_ops
 
-DEFAULT_PRUNED = [f"runs/compare/{m}-{s}-s0/checkpoint.pt" for s in ("0.5", "0.7") for m in ("uniform_l1", "mrpf")]
+EVIDENCE = "experiments/evidence/results/cifar10/vgg11_w2/pgd_at"
+DEFAULT_DENSE = f"{EVIDENCE}/dense/checkpoint.pt"
+DEFAULT_PRUNED = [f"{EVIDENCE}/{m}-{s}-s0/checkpoint.pt" for s in ("0.5", "0.7") for m in ("uniform_l1", "mrpf")]
 
 
 def per_layer(model: torch.nn.Module, size: int, runtime, batch: int, repeats: int) -> list[dict]:
@@ -101,7 +106,7 @@ def onnx_latency_ms(session, size: int, batch: int, repeats: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dense", default="runs/core-acceptance/checkpoint.pt")
+    p.add_argument("--dense", default=DEFAULT_DENSE)
     p.add_argument("--pruned", nargs="+", default=DEFAULT_PRUNED)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=20)
@@ -121,8 +126,8 @@ def main() -> None:
     models = {}
     for path in paths:
         if not path.is_file():
-            sys.exit(f"bench: {path} not found (run the comparison in docs/results-cifar10-subset.md first, "
-                     f"or pass --dense / --pruned)")
+            sys.exit(f"bench: {path} not found (run the evidence grid first: "
+                     f"snakemake --cores all --config grid=evidence; or pass --dense / --pruned)")
         model, state = load_model(path, runtime)
         models[path] = (model, state["arch"]["input_size"])
     scratch = tempfile.TemporaryDirectory()
