@@ -7,11 +7,14 @@ Steps, each a `mrpf` verb with configs/gpu-evidence.yaml, timed against ``--budg
 2. A one-epoch probe of dense PGD-AT on a 5,000-image slice gives the epoch time; dense
    training then gets as many epochs as fit the budget after what the later steps need
    (the budget shortens training, it does not overrun).
-3. ``mrpf mrs`` and ``mrpf prune`` for mrpf and uniform_l1 at 90 % (TRADES fine-tuning,
-   channels a multiple of 8), then clean and PGD-20 on the 5,000 test images.
+3. ``mrpf mrs`` and ``mrpf prune`` at 90 % for mrpf (the paper's rule), mrpf with
+   ``prune.allocation: joint_search`` (MRPF's best variant on the CPU evidence grid) and
+   uniform_l1 (TRADES fine-tuning, channels a multiple of 8), then clean and PGD-20 on the
+   5,000 test images.
 4. AutoAttack (standard) on as many of the first 1,000 test images as the time left allows,
-   for the dense model and both pruned ones; then 70 % if time is still left.
-5. The paired 95 % intervals (mrpf minus uniform_l1, same images) are printed and written to
+   for the dense model and the pruned ones; then mrpf and uniform_l1 at 70 % if time is
+   still left.
+5. The paired 95 % intervals (each mrpf variant minus uniform_l1, same images) are printed and written to
    ``bench/results/gpu-evidence-TAG.json`` (and ``$OUT``).
 
     python -m bench.gpu_evidence [--budget-s 480] [--data DIR]
@@ -42,6 +45,10 @@ PROBE_IMAGES = 5000
 # 5,000 images; AutoAttack's cost per image is measured on the first model it attacks.
 PRUNE_EPOCHS = 4.5
 EVAL_EPOCHS = 0.5
+# the pruned models at 90 %: name -> (prune method, overrides); at 70 % only mrpf and the baseline
+VARIANTS = {"mrpf": ("mrpf", []), "mrpf_joint": ("mrpf", ["prune.allocation=joint_search"]),
+            "uniform_l1": ("uniform_l1", [])}
+BASELINE = "uniform_l1"
 SMOKE = ["device.name=cpu", "device.threads=2", "model.arch=vgg11_w8", "train.batch_size=64", "data.val_size=100",
          "data.calibration_size=64", "mrs.batch_size=64", "mrs.steps=1", "evaluate.n_images=200",
          "evaluate.batch_size=200", "prune.steps=1", "prune.finetune_epochs=1", "prune.final_epochs=0",
@@ -110,7 +117,7 @@ def main() -> int:
           f"data.test_path={work}/data/test.npz", "train.epochs=1", "data.val_size=100"], log)
     probe_s = json.loads((work / "probe/train_metrics.json").read_text())["train_seconds"]
     epoch_s = probe_s * (n_train - 1000) / (probe_images - 100)
-    reserve = (2 * PRUNE_EPOCHS + 3 * EVAL_EPOCHS) * epoch_s
+    reserve = (len(VARIANTS) * PRUNE_EPOCHS + (len(VARIANTS) + 1) * EVAL_EPOCHS) * epoch_s
     epochs = max(1, min(1 if args.smoke else 30, math.floor((0.75 * clock.left() - reserve) / (1.1 * epoch_s))))
     say(f"probe: {epoch_s:.1f} s per dense epoch -> {epochs} epochs of dense PGD-AT")
 
@@ -121,16 +128,17 @@ def main() -> int:
     say("dense model trained, MRS measured")
     models = ["dense"]
 
-    def prune_and_evaluate(sparsity: str) -> None:
-        for method in ("mrpf", "uniform_l1"):
-            name = f"{method}-{sparsity}"
+    def prune(sparsity: str, variants: list[str]) -> None:
+        for variant in variants:
+            method, overrides = VARIANTS[variant]
+            name = f"{variant}-{sparsity}"
             mrs = ["--mrs", str(work / "mrs/mrs.json")] if method == "mrpf" else []
             mrpf(["prune", "--run", name, "--checkpoint", dense, "--method", method, "--sparsity", sparsity, *mrs,
-                  *run], log)
+                  *run, *overrides], log)
             models.append(name)
-        say(f"pruned to {sparsity}")
+        say(f"pruned to {sparsity}: {', '.join(variants)}")
 
-    prune_and_evaluate("0.9")
+    prune("0.9", list(VARIANTS))
     for model in models:
         mrpf(["evaluate", "--run", model, *run, "evaluate.attacks=[clean,pgd]"], log)
     say("clean and PGD-20 evaluated")
@@ -148,7 +156,7 @@ def main() -> int:
     else:
         say(f"AutoAttack skipped: {per_image:.2f} s per image leaves room for {fit} images")
     if clock.left() > (2 * PRUNE_EPOCHS + 2 * EVAL_EPOCHS) * epoch_s * 1.2:
-        prune_and_evaluate("0.7")
+        prune("0.7", ["mrpf", BASELINE])
         for model in models[-2:]:
             mrpf(["evaluate", "--run", model, *run, "evaluate.attacks=[clean,pgd]"], log)
 
@@ -160,14 +168,18 @@ def main() -> int:
             metrics["autoattack_acc"] = json.loads((work / model / "eval_aa.json").read_text())["autoattack_acc"]
         result["models"][model] = {k: metrics.get(k) for k in ("clean_acc", "pgd_acc", "autoattack_acc", "macs",
                                                                 "params")}
-    for sparsity in sorted({m.rsplit("-", 1)[1] for m in models if m != "dense"}):
+    for model in models:
+        variant, _, sparsity = model.rpartition("-")
+        if model == "dense" or variant == BASELINE:
+            continue
         for attack, stem in (("clean", "eval"), ("pgd", "eval"), ("autoattack", "eval_aa")):
-            files = [work / f"{m}-{sparsity}" / f"{stem}_per_image.npz" for m in ("mrpf", "uniform_l1")]
+            files = [work / f"{m}-{sparsity}" / f"{stem}_per_image.npz" for m in (variant, BASELINE)]
             if all(f.is_file() for f in files):
                 a, b = (np.load(f)[attack] for f in files)
                 d = paired_difference(a, b)
-                result["differences"][f"{sparsity} {attack}"] = d
-                say(f"{sparsity} {attack:>10}: mrpf - uniform_l1 = {100 * d['diff']:+.2f} "
+                key = f"{sparsity} {attack}" if variant == "mrpf" else f"{variant} {sparsity} {attack}"
+                result["differences"][key] = d
+                say(f"{sparsity} {attack:>10}: {variant} - {BASELINE} = {100 * d['diff']:+.2f} "
                     f"[{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] points ({d['n']} images)")
     for model, m in result["models"].items():
         aa = "—" if m["autoattack_acc"] is None else f"{100 * m['autoattack_acc']:.1f}"
