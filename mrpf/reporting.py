@@ -193,8 +193,9 @@ def seed_groups(rows: list[dict]) -> list[dict]:
         base = {m["seed"]: m for m in groups.get((dataset, arch, tm, BASELINE, sparsity,
                                                    members[0]["baseline_tag"]), [])}
         main = {m["seed"]: m for m in groups.get((dataset, arch, tm, method, sparsity, None), [])} if tag else {}
-        group["scoring_share"] = spread([m["scoring_share"] for m in members if m.get("scoring_share") is not None]
-                                        or [math.nan])["mean"]
+        # the median: one job slowed by another on the same cores must not move a timing summary
+        shares = [m["scoring_share"] for m in members if m.get("scoring_share") is not None]
+        group["scoring_share"] = float(np.median(shares)) if shares else math.nan
         for attack, _ in ATTACKS:
             values = [m[f"{attack}_acc"] for m in members if m.get(f"{attack}_acc") is not None]
             if values:
@@ -306,7 +307,7 @@ def summary_markdown(rows: list[dict], grid_name: str) -> str:
             headers = (["method", "sparsity", "block", "seeds"] + [f"{h} mean ± sd" for _, h in attacks]
                        + [f"Δ {h} vs {BASELINE} [95 % CI]" for _, h in attacks]
                        + ([f"Δ {h} vs the method's main runs" for _, h in attacks] if tagged else [])
-                       + ["scoring % of dense training"])
+                       + ["scoring % of dense training (median)"])
             body = [[g["method"], f"{g['sparsity']:g}", _block(g), ",".join(str(s) for s in g["seeds"])]
                     + [_mean_sd(g.get(a)) for a, _ in attacks]
                     + ["(baseline)" if g["method"] == BASELINE else _with_seeds(g.get(f"delta_{a}"))

@@ -129,6 +129,22 @@ def test_a_grid_still_running_is_reported_with_the_rows_it_has(report, tmp_path)
     assert row["scoring_share"] == pytest.approx(12.0 / 600.0)   # costs need no evaluation
 
 
+def test_the_scoring_cost_over_seeds_is_the_median_so_one_slowed_job_does_not_move_it(report, tmp_path):
+    """A job paused or slowed by another on the same cores reports a long wall time; the
+    seed summary's scoring share is the median over the seeds, not the mean."""
+    base = tmp_path / "results/cifar10/vgg11_w8/pgd_at"
+    (base / "dense/train_metrics.json").write_text(json.dumps({"train_seconds": 1000.0}))
+    for seed, seconds in ((0, 40.0), (1, 900.0), (2, 50.0)):
+        record = json.loads((base / f"mrpf-0.9-s{seed}/prune.json").read_text())
+        record["steps"][0]["scoring_seconds"] = seconds
+        (base / f"mrpf-0.9-s{seed}/prune.json").write_text(json.dumps(record))
+    config = {"grid": "g", "grids": {"g": GRID}}
+    reporting.write_report(config, tmp_path / "results", tmp_path / "costs", log=lambda *_: None)
+    summary = (tmp_path / "costs/summary.md").read_text()
+    line = next(x for x in summary.splitlines() if x.startswith("| mrpf ") and "| 0,1,2 " in x)
+    assert line.rstrip(" |").endswith("| 5.0"), line   # median of 4.0, 90.0, 5.0 %; the mean would be 33.0
+
+
 def test_kept_channels_per_group_come_from_the_checkpoint_in_layer_order(report, tmp_path):
     """The widths table reads each group's dense width from prune.json and the kept one from
     the checkpoint's weights, columns in the checkpoint's layer order (not prune.json's)."""
