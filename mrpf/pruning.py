@@ -46,6 +46,14 @@ def dense_widths(model, arch: dict) -> dict[str, int]:
     return {g.root: g.channels for g in found}
 
 
+def final_widths(model, arch: dict, dense: dict[str, int]) -> list[list]:
+    """Each group's [root module name, channels kept, dense channels], in layer order (a list:
+    JSON objects are written with sorted keys): the allocation a run ended with, recorded in
+    prune.json so that reports need no checkpoint."""
+    kept = dense_widths(model, arch)
+    return [[name, kept[name], dense[name]] for name, _ in model.named_modules() if name in kept and name in dense]
+
+
 def prune_step(model, arch, params: Params, calibration, runtime, budget, dense, log, *, step: int = 1,
                widths: dict[str, int] | None = None, dense_mrs: dict | None = None,
                table: latency.LatencyTable | None = None,
@@ -192,7 +200,8 @@ def run_prune(params: Params, checkpoint: str | Path, run_dir: str | Path, log=p
         steps.append(record)
         log(f"step {t}: achieved {record['achieved']:.1%}, val PGD {record['finetune'].get('val_pgd_acc')}")
     summary = {"method": pp.method, "sparsity": pp.sparsity, "metric": pp.metric, "dense": dense,
-               "counts": steps[-1]["counts"], "achieved": steps[-1]["achieved"], "steps": steps}
+               "counts": steps[-1]["counts"], "achieved": steps[-1]["achieved"],
+               "widths": final_widths(model, arch, widths), "steps": steps}
     if table is not None:   # the table's prediction against the pruned model's measured time
         timed = [latency_ms(m.eval(), arch["input_size"], runtime, table.batch, params.evaluate.latency_repeats)
                  for m in (meter.dense, model)]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_path, load_checkpoint, read_json
+from .io import atomic_path, read_json
 
 ATTACKS = [("clean", "clean"), ("fgsm", "FGSM"), ("pgd", "PGD-20"), ("cw", "CW"), ("autoattack", "AA")]
 BASELINE = "uniform_l1"
@@ -97,19 +97,10 @@ def _costs(folder: Path, record: dict | None) -> dict:
             "finetune_seconds": sum(s.get("finetune", {}).get("train_seconds", 0.0) for s in steps)}
 
 
-def _widths(folder: Path, record: dict | None) -> list[tuple[str, int, int]]:
+def _widths(record: dict | None) -> list[tuple[str, int, int]]:
     """Each pruning group's (root layer, channels kept, dense channels) at the end of a pruned
-    run, in the order of the checkpoint's layers: the allocation the run ended with. Dense widths
-    from the first step's groups (prune.json), kept ones from the checkpoint's weights."""
-    if record is None or not (folder / "checkpoint.pt").is_file():
-        return []
-    steps = record.get("steps", [])
-    dense = {g["root"]: g["channels"] for g in (steps[0].get("groups", []) if steps else [])}
-    if not dense:
-        return []
-    state = load_checkpoint(folder / "checkpoint.pt")["state_dict"]
-    kept = {key.removesuffix(".weight"): int(t.shape[0]) for key, t in state.items() if key.endswith(".weight")}
-    return [(root, width, dense[root]) for root, width in kept.items() if root in dense]
+    run, in layer order (prune.json): the allocation the run ended with."""
+    return [(root, kept, dense) for root, kept, dense in (record or {}).get("widths") or []]
 
 
 def _search(record: dict | None) -> list[list[dict]]:
@@ -142,7 +133,7 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
                        seed=None if run is None else run.seed, tag=None if run is None else run.tag,
                        finetune_epochs=_finetune_epochs(record), outcomes={},
                        overrides=() if run is None else run.overrides,
-                       widths=_widths(folder, record), search=_search(record), **_costs(folder, record))
+                       widths=_widths(record), search=_search(record), **_costs(folder, record))
             table.append(row)
             if not (folder / "eval.json").is_file():
                 log(f"report: no {folder / 'eval.json'} yet; row left empty")

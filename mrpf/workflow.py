@@ -358,8 +358,10 @@ def job(stage: str, cell: dict, grid: dict) -> Job:
     base = {k: cell[k] for k in ("dataset", "arch", "tm")}
     dense = run_dir(grid, **base, model="dense")
     if stage == "train":
-        return Job("train", cell, list(data), [f"{dense}/checkpoint.pt"], metrics=[f"{dense}/train_metrics.json"],
-                   plots=[f"{dense}/history.csv"])
+        checkpoint = [f"{dense}/checkpoint.pt"]
+        in_git = bool(grid.get("dense_in_git"))
+        return Job("train", cell, list(data), [] if in_git else checkpoint, metrics=[f"{dense}/train_metrics.json"],
+                   plots=[f"{dense}/history.csv"], kept=checkpoint if in_git else [])
     if stage == "import":
         weights = cell.get("weights") or imported(grid).get(cell["arch"], {}).get("weights")
         return Job("import", cell, data + ([weights] if weights else []), [f"{dense}/checkpoint.pt"])
@@ -375,8 +377,10 @@ def job(stage: str, cell: dict, grid: dict) -> Job:
                    kept=[f"{folder}/prune.json"])
     if stage == "evaluate":
         folder = run_dir(grid, **base, model=cell["model"])
-        return Job("evaluate", cell, data + [f"{folder}/checkpoint.pt"], [f"{folder}/eval_per_image.npz"],
-                   metrics=[f"{folder}/eval.json"])
+        # the per-image outcomes are kept in Git: they are what `mrpf report`'s intervals are
+        # computed from (a few kB), so any clone regenerates the report without the DVC cache
+        return Job("evaluate", cell, data + [f"{folder}/checkpoint.pt"], [], metrics=[f"{folder}/eval.json"],
+                   kept=[f"{folder}/eval_per_image.npz"])
     raise ValueError(stage)
 
 

@@ -51,18 +51,30 @@ def test_push_wipe_pull_restores_checkpoints_and_metrics_byte_identical(pipeline
     run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], folder)
     run("git commit -qam 'local remote'", folder)
     cached = [f"{RUN}/{m}/checkpoint.pt" for m in ("dense", "mrpf-0.5", "uniform_l1-0.5")] + [
-        "data/cifar10/train.npz", f"{RUN}/mrpf-0.5/eval_per_image.npz"]
+        "data/cifar10/train.npz"]
     metrics = [f"{RUN}/{m}/eval.json" for m in ("dense", "mrpf-0.5", "uniform_l1-0.5")] + [
-        f"{RUN}/dense/train_metrics.json"]
+        f"{RUN}/dense/train_metrics.json", f"{RUN}/mrpf-0.5/eval_per_image.npz"]
     before = digest(folder, cached + metrics)
     run(["dvc", "push"], folder)
     shutil.rmtree(folder / ".dvc" / "cache")
     shutil.rmtree(folder / "results")
     shutil.rmtree(folder / "data")
-    run(["git", "checkout", "--", "."], folder)      # metrics (cache: false) live in Git
+    run(["git", "checkout", "--", "."], folder)      # metrics and per-image outcomes (cache: false) live in Git
     run(["dvc", "pull"], folder)                     # checkpoints and data come from the remote
     assert digest(folder, cached + metrics) == before
     assert "up to date" in run(["dvc", "status"], folder).stdout
+
+
+def test_a_git_clone_without_checkpoints_or_dvc_cache_regenerates_the_same_report(pipeline, tmp_path):
+    """eval.json and the per-image outcomes live in Git, so `mrpf report` on a plain clone
+    writes the report the pipeline wrote, intervals included, with no checkpoint at hand."""
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(pipeline), str(clone)], tmp_path)
+    assert not (clone / RUN / "mrpf-0.5/checkpoint.pt").exists()
+    run(["mrpf", "report", "--params", "params.yaml", "--results", "results", "--out", "again"], clone)
+    summary = (clone / "again/summary.md").read_text()
+    assert summary == (pipeline / "reports/summary.md").read_text()
+    assert "[" in summary.split("| mrpf ")[1].splitlines()[0]      # mrpf's row carries its interval
 
 
 def test_metrics_diff_shows_exactly_the_runs_a_params_change_touched(pipeline, tmp_path):

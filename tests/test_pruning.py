@@ -157,6 +157,11 @@ def test_r_max_holds_against_the_dense_width_over_all_steps(tiny_data, dense, tm
     _, kept = groups.find_groups(model, 32, 10)
     assert all(g.channels >= widths[g.root] - int(0.5 * widths[g.root]) for g in kept)
     assert any(g.channels == widths[g.root] - int(0.5 * widths[g.root]) for g in kept)   # the cap binds
+    # prune.json records the allocation the run ended with, in layer order (the report reads it)
+    kept_by_root = {g.root: g.channels for g in kept}
+    in_layer_order = [name for name, _ in model.named_modules() if name in kept_by_root]
+    assert summary["widths"] == [[r, kept_by_root[r], widths[r]] for r in in_layer_order]
+    assert json.loads((tmp_path / "p" / "prune.json").read_text())["widths"] == summary["widths"]
 
 
 @pytest.mark.slow

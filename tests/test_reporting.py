@@ -145,30 +145,25 @@ def test_the_scoring_cost_over_seeds_is_the_median_so_one_slowed_job_does_not_mo
     assert line.rstrip(" |").endswith("| 5.0"), line   # median of 4.0, 90.0, 5.0 %; the mean would be 33.0
 
 
-def test_kept_channels_per_group_come_from_the_checkpoint_in_layer_order(report, tmp_path):
-    """The widths table reads each group's dense width from prune.json and the kept one from
-    the checkpoint's weights, columns in the checkpoint's layer order (not prune.json's)."""
-    import torch
-
-    from mrpf.io import save_checkpoint
-
+def test_kept_channels_per_group_come_from_prune_json_without_a_checkpoint(report, tmp_path):
+    """The widths table reads each group's kept and dense channels from prune.json in the layer
+    order the run wrote them (not sorted by name: 4 before 11), so a clone without checkpoints
+    reports them too."""
     base = tmp_path / "results/cifar10/vgg11_w8/pgd_at"
-    groups = [{"root": "net.features.4", "channels": 16}, {"root": "net.features.0", "channels": 8}]
     for run, (first, second) in {"mrpf-0.9-s0": (6, 3), "uniform_l1-0.9-s0": (3, 5),
                                  "mrpf-0.9-s1": (7, 7)}.items():
         record = json.loads((base / run / "prune.json").read_text())
-        record["steps"][0]["groups"] = groups
+        record["widths"] = [["net.features.0", first, 8], ["net.features.4", second, 16],
+                            ["net.features.11", 2, 32]]
         (base / run / "prune.json").write_text(json.dumps(record))
-        state = {"net.features.0.weight": torch.zeros(first, 3, 3, 3), "net.features.0.bias": torch.zeros(first),
-                 "net.features.4.weight": torch.zeros(second, first, 3, 3), "net.classifier.weight": torch.zeros(10, 4)}
-        save_checkpoint(base / run / "checkpoint.pt", {"name": "vgg11_w8"}, state)
+        assert not (base / run / "checkpoint.pt").exists()
     config = {"grid": "g", "grids": {"g": GRID}}
     reporting.write_report(config, tmp_path / "results", tmp_path / "widths", log=lambda *_: None)
     section = (tmp_path / "widths/summary.md").read_text().split("### Channels kept per group")[1].split("###")[0]
     lines = [x for x in section.splitlines() if x.startswith("|")]
-    assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["run", "0", "4", "params"]
-    cells = {c[0]: c[1:3] for c in ([c.strip() for c in x.split("|")[1:-1]] for x in lines[2:])}
-    assert cells == {"mrpf-0.9-s0": ["6/8", "3/16"], "uniform_l1-0.9-s0": ["3/8", "5/16"]}   # seed 0 only
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["run", "0", "4", "11", "params"]
+    cells = {c[0]: c[1:4] for c in ([c.strip() for c in x.split("|")[1:-1]] for x in lines[2:])}
+    assert cells == {"mrpf-0.9-s0": ["6/8", "3/16", "2/32"], "uniform_l1-0.9-s0": ["3/8", "5/16", "2/32"]}
 
 
 def test_the_strength_joint_search_chose_is_reported_per_step(report, tmp_path):

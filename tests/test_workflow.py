@@ -181,6 +181,21 @@ def test_seeds_and_extra_runs_name_each_run_and_pass_its_overrides():
         workflow.pruned_runs(twice)
 
 
+def test_dense_in_git_keeps_the_dense_checkpoint_in_git_and_the_others_in_the_dvc_cache():
+    cell = {"dataset": "cifar10", "arch": "vgg11_w8", "tm": "pgd_at"}
+    dense = "results/cifar10/vgg11_w8/pgd_at/dense/checkpoint.pt"
+    cached = workflow._dvc_stage(workflow.job("train", cell, TINY_GRID), "params.yaml", "tiny", TINY_GRID)
+    assert dense in cached["outs"]
+    grid = dict(TINY_GRID, dense_in_git=True)
+    kept = workflow._dvc_stage(workflow.job("train", cell, grid), "params.yaml", "tiny", grid)
+    assert {dense: {"cache": False}} in kept["outs"] and dense not in kept["outs"]
+    pruned = workflow.job("prune", dict(cell, run="mrpf-0.5"), grid)
+    assert pruned.outs == ["results/cifar10/vgg11_w8/pgd_at/mrpf-0.5/checkpoint.pt"]   # pruned ones stay cached
+    evaluated = workflow._dvc_stage(workflow.job("evaluate", dict(cell, model="mrpf-0.5"), grid), "params.yaml",
+                                    "tiny", grid)
+    assert evaluated["outs"] == [{"results/cifar10/vgg11_w8/pgd_at/mrpf-0.5/eval_per_image.npz": {"cache": False}}]
+
+
 def test_snakemake_jobs_read_the_params_file_snakemake_was_given(tmp_path):
     """`snakemake --configfile other.yaml` plans with other.yaml and passes it to every job."""
     folder = make_project(tmp_path / "proj", git=False)
