@@ -8,7 +8,7 @@ Steps, each a `mrpf` verb with configs/gpu-evidence.yaml, timed against ``--budg
    training then gets as many epochs as fit the budget after what the later steps need
    (the budget shortens training, it does not overrun).
 3. ``mrpf mrs`` and ``mrpf prune`` at 90 % for mrpf (the paper's rule), mrpf with
-   ``prune.allocation: joint_search`` (MRPF's best variant on the CPU evidence grid) and
+   ``prune.allocation: joint_search`` (MRPF's default, its best variant on the CPU evidence grid) and
    uniform_l1 (TRADES fine-tuning, channels a multiple of 8), then clean and PGD-20 on the
    5,000 test images.
 4. AutoAttack (standard) on as many of the first 1,000 test images as the time left allows,
@@ -46,7 +46,8 @@ PROBE_IMAGES = 5000
 PRUNE_EPOCHS = 4.5
 EVAL_EPOCHS = 0.5
 # the pruned models at 90 %: name -> (prune method, overrides); at 70 % only mrpf and the baseline
-VARIANTS = {"mrpf": ("mrpf", []), "mrpf_joint": ("mrpf", ["prune.allocation=joint_search"]),
+VARIANTS = {"mrpf": ("mrpf", ["prune.allocation=inverse_mrs"]),           # the paper's rule
+            "mrpf_joint": ("mrpf", ["prune.allocation=joint_search"]),     # the default
             "uniform_l1": ("uniform_l1", [])}
 BASELINE = "uniform_l1"
 SMOKE = ["device.name=cpu", "device.threads=2", "model.arch=vgg11_w8", "train.batch_size=64", "data.val_size=100",

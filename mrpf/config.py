@@ -108,8 +108,8 @@ class PruneParams:
     method: str = "mrpf"                # one of PRUNE_METHODS
     sparsity: float = 0.5               # S: fraction of the dense model's budget metric removed
     metric: str = "macs"                # macs | params | latency (measured table, mrpf/latency.py)
-    allocation: str = "inverse_mrs"     # inverse_mrs: r ~ w / MRS^alpha | loss_curve: min predicted loss rise
-                                        # | joint_search: r ~ (w / MRS^alpha)^t, t by the jointly pruned model
+    allocation: str = "joint_search"    # joint_search: r ~ (w / MRS^alpha)^t, t by the jointly pruned model
+                                        # | inverse_mrs: the paper's r ~ w / MRS^alpha | loss_curve: min loss rise
     alpha: float = 1.0                  # exponent on MRS in the allocation
     r_max: float = 0.9                  # no group loses more than this fraction of its dense channels
     cost_aware: bool = True             # weight ratios by the group's share of the budget metric
