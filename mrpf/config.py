@@ -119,6 +119,7 @@ class PruneParams:
     final_epochs: int = 4               # extra epochs added to the last step's fine-tune
     finetune_method: str = "trades"     # clean | pgd_at | trades | mart | rslad (distils from the dense model)
     finetune_lr: float = 0.01           # peak lr of each fine-tune (cosine schedule)
+    search_finetune_batches: int = 0    # joint_search: fine-tuning batches per candidate before scoring (0: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +294,9 @@ def parse(raw: dict) -> Params:
     _choice("prune.metric", params.prune.metric, BUDGET_METRICS)
     _choice("prune.finetune_method", params.prune.finetune_method, FINETUNE_METHODS)
     _choice("prune.allocation", params.prune.allocation, ALLOCATION_RULES)
+    if params.prune.search_finetune_batches and params.prune.allocation != "joint_search":
+        raise MrpfError(f"prune.search_finetune_batches: fine-tunes joint_search's candidates, so it needs "
+                        f"prune.allocation: joint_search (got {params.prune.allocation!r})")
     curve = params.mrs.curve_ratios
     if not curve or any(not 0 < r < 1 for r in curve) or list(curve) != sorted(set(curve)):
         raise MrpfError(f"mrs.curve_ratios: ascending fractions in (0, 1), got {raw['mrs']['curve_ratios']!r}")

@@ -20,6 +20,7 @@ model's MRS from that file instead of measuring it again; later steps measure th
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from .latency import budget_counts
 from .models import load_model
 from .objectives import DISTILLATION, probe_adversary
 from .sensitivity import check_reusable, compute_curves, compute_mrs, loss_curves, mrs_settings
-from .training import train
+from .training import train, train_batches
 
 STEP_FILE = "step.json"
 
@@ -57,12 +58,13 @@ def final_widths(model, arch: dict, dense: dict[str, int]) -> list[list]:
 def prune_step(model, arch, params: Params, calibration, runtime, budget, dense, log, *, step: int = 1,
                widths: dict[str, int] | None = None, dense_mrs: dict | None = None,
                table: latency.LatencyTable | None = None,
-               meter: latency.MeasuredLatency | None = None) -> tuple[dict, list]:
+               meter: latency.MeasuredLatency | None = None, tune=None) -> tuple[dict, list]:
     """Prune ``model`` in place to ``budget`` (relative to ``dense`` counts) at pruning step
     ``step``, no group below 1 - r_max of its dense width (``widths``; default: the current
     ones); ``dense_mrs``: an MRS result of this very model to use instead of measuring it;
     ``table``: the latency table, for ``prune.metric`` latency; ``meter``: with it, the budget
-    is met on the measured time (``latency.calibrate``).
+    is met on the measured time (``latency.calibrate``); ``tune``: joint_search's short
+    fine-tune of each candidate (``candidate_tuner``).
     Return the step record and the pruning history of this step."""
     pp = params.prune
     arch_size, classes = arch["input_size"], arch["num_classes"]
@@ -102,7 +104,7 @@ def prune_step(model, arch, params: Params, calibration, runtime, budget, dense,
             if search:
                 solved, record["search"] = selection.select_strength(
                     lambda strength: solve_at(target, strength), model, calibration, probe_adversary(params),
-                    runtime, params.mrs.batch_size, arch_size, classes, pp.round_to, log)
+                    runtime, params.mrs.batch_size, arch_size, classes, pp.round_to, log, tune)
             else:
                 solved = solve_at(target)
             return solved["ratios"], lambda m: allocation.apply_ratios(m, arch_size, classes, solved["ratios"],
@@ -132,6 +134,21 @@ def finetune_params(params: Params, epochs: int) -> Params:
     """The training params of a fine-tune: prune.finetune_* over train.*, cosine schedule."""
     pp = params.prune
     return params.replace("train", epochs=epochs, lr=pp.finetune_lr, method=pp.finetune_method, schedule="cosine")
+
+
+def candidate_tuner(params: Params, train_images: data_mod.ImageSet, spec, runtime, teacher, step: int):
+    """``tune(model)`` for joint_search (``prune.search_finetune_batches`` > 0), else None: that
+    many batches of the run's fine-tuning (objective, lr) on the same shuffled, augmented training
+    batches and attack starts for every candidate of the step (seed * 1000 + step)."""
+    n = params.prune.search_finetune_batches
+    if not n or params.prune.allocation != "joint_search":
+        return None
+    tuning = finetune_params(params, 1).replace("train", schedule="constant")
+    seed = params.seed * 1000 + step
+    batches = list(itertools.islice(data_mod.Batches(
+        train_images, tuning.train.batch_size, runtime.device, shuffle=True, seed=seed,
+        spec=spec if params.data.augment else None, channels_last=runtime.channels_last), n))
+    return lambda model: train_batches(model, tuning, batches, runtime, teacher, seed)
 
 
 def _resume_key(params: Params) -> str:
@@ -190,7 +207,8 @@ def run_prune(params: Params, checkpoint: str | Path, run_dir: str | Path, log=p
         log(f"step {t}/{pp.steps}: {pp.method} to {budget:.1%} {pp.metric} reduction")
         record, history = prune_step(model, arch, params, splits.calibration, runtime, budget, dense, log, step=t,
                                      widths=widths, dense_mrs=dense_mrs if t == 1 else None, table=table,
-                                     meter=meter)
+                                     meter=meter, tune=candidate_tuner(params, splits.train, splits.spec, runtime,
+                                                                        teacher, t))
         arch["pruning_history"] = arch["pruning_history"] + history
         epochs = pp.finetune_epochs + (pp.final_epochs if t == pp.steps else 0)
         record["finetune"] = train(finetune_params(params, epochs), run_dir / f"step{t}", log, model=model, arch=arch,

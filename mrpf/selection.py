@@ -12,9 +12,16 @@ and keeps the one whose robust loss R (sensitivity.py: PGD of the MRS probe agai
 pruned copy, on the calibration set) is lowest. The BN statistics are re-estimated on
 adversarial examples of the unpruned model: an adversarially trained network's BN layers
 were fitted on adversarial inputs. Calibration images only, never the test set.
+
+With ``prune.search_finetune_batches`` > 0 each candidate is fine-tuned that many batches
+before it is scored (the same training batches and attack starts for every candidate), so
+the choice ranks how well a candidate recovers rather than its loss right after pruning;
+a proxy for the learned ratios of HARP (Zhao & Wressnegger, ICLR 2023) at a fixed cost.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -47,10 +54,11 @@ def adapt_batchnorm(model: nn.Module, inputs: list[torch.Tensor]) -> None:
 
 def select_strength(solve_at, model: nn.Module, calibration: data_mod.ImageSet, adversary: Adversary,
                     runtime: Runtime, batch_size: int, input_size: int, num_classes: int, round_to: int,
-                    log=None) -> tuple[dict, list[dict]]:
+                    log=None, tune: Callable[[nn.Module], None] | None = None) -> tuple[dict, list[dict]]:
     """The ``allocation.solve`` result of the strength whose pruned copy has the lowest robust
-    loss after adaptive BN, and one row per candidate (strength, ratios, achieved, robust loss
-    and accuracy). ``solve_at(strength)`` solves the budget at that strength."""
+    loss after adaptive BN (and ``tune(copy)``, a short fine-tune, where given), and one row per
+    candidate (strength, ratios, achieved, robust loss and accuracy). ``solve_at(strength)``
+    solves the budget at that strength."""
     batches = list(data_mod.Batches(calibration, batch_size, runtime.device, channels_last=runtime.channels_last))
     was_training = model.training
     best, rows = None, []
@@ -62,11 +70,14 @@ def select_strength(solve_at, model: nn.Module, calibration: data_mod.ImageSet, 
             pruned, _ = allocation.prune_copy(model, input_size, num_classes, solved["ratios"], round_to,
                                               solved["caps"])
             adapt_batchnorm(pruned, adversarial)
+            if tune is not None:
+                tune(pruned)
             loss, acc, _ = robust_loss(pruned, batches, adversary, None, PROBE_SEED)
             rows.append({"strength": strength, "ratios": solved["ratios"], "achieved": solved["achieved"],
                          "robust_loss": loss, "robust_acc": acc})
             if log:
-                log(f"strength {strength:.2f}: robust loss {loss:.4f}, robust acc {acc:.1%} after adaptive BN")
+                log(f"strength {strength:.2f}: robust loss {loss:.4f}, robust acc {acc:.1%} after adaptive BN"
+                    + ("" if tune is None else " and the short fine-tune"))
             if best is None or loss < best[0]:
                 best = (loss, solved)
     model.train(was_training)

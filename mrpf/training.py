@@ -97,6 +97,25 @@ def evaluate_split(model: torch.nn.Module, images: data_mod.ImageSet, runtime: d
     return correct / len(images)
 
 
+def train_batches(model: torch.nn.Module, params: Params, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                  runtime: devices.Runtime, teacher: torch.nn.Module | None = None, seed: int = 0) -> None:
+    """SGD on ``batches`` with ``params.train``'s objective and optimizer at its constant lr, in
+    place: a few steps of the training loop above, without schedule, validation or checkpoint.
+    ``seed`` fixes the attack starts; the model is left in eval mode."""
+    tp = params.train
+    objective = objective_for(tp.method, teacher)
+    optimizer = make_optimizer(model, tp, runtime.device)
+    gradients = GradientStep(model, objective, training_adversary(params), tp.beta, runtime)
+    torch.manual_seed(seed)
+    model.train()
+    for x, y in batches:
+        gradients(x, y)
+        optimizer.step()
+    for p in model.parameters():
+        p.grad = None
+    model.eval()
+
+
 class _Progress:
     """A tqdm bar within the epoch on a terminal; nothing otherwise (the epoch line is always printed)."""
 

@@ -91,8 +91,8 @@ STAGE_PARAMS = {
     "report": [],
 }
 PRUNE_PARAMS = {  # per method: only what it reads, so a change reruns only the runs it touches
-    "mrpf": ["mrs", "prune.allocation", "prune.alpha", "prune.cost_aware"],
-    "mrpf_clean": ["mrs", "prune.allocation", "prune.alpha", "prune.cost_aware"],
+    "mrpf": ["mrs", "prune.allocation", "prune.alpha", "prune.cost_aware", "prune.search_finetune_batches"],
+    "mrpf_clean": ["mrs", "prune.allocation", "prune.alpha", "prune.cost_aware", "prune.search_finetune_batches"],
     "taylor_adv": ["mrs.steps", "mrs.batch_size"],
     "uniform_l1": [], "global_magnitude": [], "random": [],
 }

@@ -30,10 +30,13 @@ def test_fraction_parsing():
     ("data.dataset=imagenet21k", "data.dataset: unknown dataset 'imagenet21k'"),
     ("train=3", "parameter 'train' must be a mapping"),
     ("noequals", "must look like section.key=value"),
+    ("prune.search_finetune_batches=-1", "prune.search_finetune_batches: expected a non-negative integer"),
+    ("prune.allocation=inverse_mrs prune.search_finetune_batches=4",
+     "prune.search_finetune_batches: fine-tunes joint_search's candidates, so it needs prune.allocation: joint_search"),
 ])
 def test_bad_parameters_name_the_key(override, message):
     with pytest.raises(MrpfError, match=message):
-        load_params(None, [override])
+        load_params(None, override.split())
 
 
 def test_malformed_yaml_names_the_file(tmp_path):
