@@ -141,7 +141,7 @@ def candidate_tuner(params: Params, train_images: data_mod.ImageSet, spec, runti
     many batches of the run's fine-tuning (objective, lr) on the same shuffled, augmented training
     batches and attack starts for every candidate of the step (seed * 1000 + step)."""
     n = params.prune.search_finetune_batches
-    if not n or params.prune.allocation != "joint_search":
+    if not n:     # config.parse refuses n > 0 with another allocation
         return None
     tuning = finetune_params(params, 1).replace("train", schedule="constant")
     seed = params.seed * 1000 + step
