@@ -154,6 +154,9 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
             row["baseline_tag"] = baseline_of.get(row["tag"])
             if train_seconds and row.get("scoring_seconds") is not None:
                 row["scoring_share"] = row["scoring_seconds"] / train_seconds
+            if row.get("finetune_seconds") and row.get("scoring_seconds") is not None:
+                # a ratio of two timings of one job: comparable across machines of different speed
+                row["scoring_per_finetune"] = row["scoring_seconds"] / row["finetune_seconds"]
             base = by_key.get((BASELINE, row["sparsity"], row["seed"], row["baseline_tag"]))
             if row["method"] not in ("dense", BASELINE) and base is not None:
                 mine, theirs = row["outcomes"].get("pgd"), base["outcomes"].get("pgd")
@@ -185,8 +188,9 @@ def seed_groups(rows: list[dict]) -> list[dict]:
                                                    members[0]["baseline_tag"]), [])}
         main = {m["seed"]: m for m in groups.get((dataset, arch, tm, method, sparsity, None), [])} if tag else {}
         # the median: one job slowed by another on the same cores must not move a timing summary
-        shares = [m["scoring_share"] for m in members if m.get("scoring_share") is not None]
-        group["scoring_share"] = float(np.median(shares)) if shares else math.nan
+        for cost in ("scoring_share", "scoring_per_finetune"):
+            values = [m[cost] for m in members if m.get(cost) is not None]
+            group[cost] = float(np.median(values)) if values else math.nan
         for attack, _ in ATTACKS:
             values = [m[f"{attack}_acc"] for m in members if m.get(f"{attack}_acc") is not None]
             if values:
@@ -245,6 +249,10 @@ def _block(group: dict) -> str:
     return group["tag"]
 
 
+def _ratio(value) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
 def _seconds(value) -> str:
     return "—" if value is None else f"{value:.0f}"
 
@@ -298,13 +306,13 @@ def summary_markdown(rows: list[dict], grid_name: str) -> str:
             headers = (["method", "sparsity", "block", "seeds"] + [f"{h} mean ± sd" for _, h in attacks]
                        + [f"Δ {h} vs {BASELINE} [95 % CI]" for _, h in attacks]
                        + ([f"Δ {h} vs the method's main runs" for _, h in attacks] if tagged else [])
-                       + ["scoring % of dense training (median)"])
+                       + ["scoring / own fine-tuning time (median)", "scoring % of dense training (median)"])
             body = [[g["method"], f"{g['sparsity']:g}", _block(g), ",".join(str(s) for s in g["seeds"])]
                     + [_mean_sd(g.get(a)) for a, _ in attacks]
                     + ["(baseline)" if g["method"] == BASELINE else _with_seeds(g.get(f"delta_{a}"))
                        for a, _ in attacks]
                     + ([_with_seeds(g.get(f"delta_main_{a}")) for a, _ in attacks] if tagged else [])
-                    + [_pct(g.get("scoring_share"))]
+                    + [_ratio(g.get("scoring_per_finetune")), _pct(g.get("scoring_share"))]
                     for g in sorted(mine, key=lambda g: (g["tag"] or "", g["sparsity"], g["method"] != BASELINE,
                                                          g["method"]))]
             _table(out, headers, body)

@@ -145,6 +145,27 @@ def test_the_scoring_cost_over_seeds_is_the_median_so_one_slowed_job_does_not_mo
     assert line.rstrip(" |").endswith("| 5.0"), line   # median of 4.0, 90.0, 5.0 %; the mean would be 33.0
 
 
+def test_the_scoring_cost_is_also_reported_over_the_runs_own_fine_tuning_time(report, tmp_path):
+    """Runs of one grid made on machines of different speed compare by a ratio of two timings of
+    the same job: scoring seconds over that job's fine-tuning seconds, the median over seeds."""
+    base = tmp_path / "results/cifar10/vgg11_w8/pgd_at"
+    for seed, (scoring, finetune) in ((0, (30.0, 100.0)), (1, (10.0, 100.0)), (2, (60.0, 100.0))):
+        record = json.loads((base / f"mrpf-0.9-s{seed}/prune.json").read_text())
+        record["steps"][0]["scoring_seconds"] = scoring
+        record["steps"][0]["finetune"]["train_seconds"] = finetune / 2
+        record["steps"][1]["finetune"]["train_seconds"] = finetune / 2
+        (base / f"mrpf-0.9-s{seed}/prune.json").write_text(json.dumps(record))
+    config = {"grid": "g", "grids": {"g": GRID}}
+    reporting.write_report(config, tmp_path / "results", tmp_path / "ratio", log=lambda *_: None)
+    lines = (tmp_path / "ratio/summary.md").read_text().split("### Over fine-tuning seeds")[1].splitlines()
+    header = [c.strip() for c in next(x for x in lines if x.startswith("| method")).split("|")[1:-1]]
+    column = header.index("scoring / own fine-tuning time (median)")
+    line = next(x for x in lines if x.startswith("| mrpf ") and "| 0,1,2 " in x)
+    assert [c.strip() for c in line.split("|")[1:-1]][column] == "0.30"   # median of 0.3, 0.1, 0.6
+    uniform = next(x for x in lines if x.startswith("| uniform_l1 ") and "| 0,1,2 " in x)
+    assert [c.strip() for c in uniform.split("|")[1:-1]][column] == "—"   # no fine-tuning time recorded
+
+
 def test_kept_channels_per_group_come_from_prune_json_without_a_checkpoint(report, tmp_path):
     """The widths table reads each group's kept and dense channels from prune.json in the layer
     order the run wrote them (not sorted by name: 4 before 11), so a clone without checkpoints
