@@ -204,3 +204,17 @@ def test_snakemake_jobs_read_the_params_file_snakemake_was_given(tmp_path):
     commands = re.findall(r"(mrpf \w+ --params \S+)", text)
     assert len(commands) >= 9
     assert all("--params other.yaml" in c for c in commands), commands
+
+
+@pytest.mark.parametrize("root", ["", "experiments/evidence/"])
+def test_the_scratch_a_prune_run_leaves_in_its_folder_is_ignored_by_git(root):
+    """The step checkpoints and the latency table cache (mrpf.latency.TABLE_FILE) are scratch,
+    not outputs of any stage: `git status` must not list them after a grid ran."""
+    from mrpf.latency import TABLE_FILE
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs git and a git checkout of the project")
+    run_dir = f"{root}results/cifar10/vgg11_w2/pgd_at/mrpf-0.7-s0-lat"
+    for scratch in (f"{run_dir}/{TABLE_FILE}", f"{run_dir}/step1/checkpoint.pt"):
+        done = run(["git", "check-ignore", "-q", "--no-index", scratch], ROOT, check=False)
+        assert done.returncode == 0, f"{scratch} is not ignored"
