@@ -79,7 +79,7 @@ def rounded_copy(dense: torch.nn.Module, pruned: torch.nn.Module, size: int, cla
 
 
 def latency_table(device: str, batch: int) -> list[dict]:
-    from mrpf.evaluation import latency_ms
+    from mrpf.timing import latency_ms
 
     base = ROOT / ".gpu" / "ckpt" if (ROOT / ".gpu" / "ckpt").is_dir() else None
     if base is None:

@@ -34,8 +34,9 @@ import torch
 from bench.common import ROOT, write
 from mrpf.config import DeviceParams
 from mrpf.devices import setup
-from mrpf.evaluation import latency_ms, load_model
+from mrpf.evaluation import load_model
 from mrpf.models import count_ops
+from mrpf.timing import latency_ms
 
 EVIDENCE = "experiments/evidence/results/cifar10/vgg11_w2/pgd_at"
 DEFAULT_DENSE = f"{EVIDENCE}/dense/checkpoint.pt"

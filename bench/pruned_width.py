@@ -31,8 +31,8 @@ from mrpf import groups as groups_mod
 from mrpf.allocation import prune_copy, solve
 from mrpf.config import DeviceParams
 from mrpf.devices import setup
-from mrpf.evaluation import latency_ms
 from mrpf.models import build_model, count_ops
+from mrpf.timing import latency_ms
 
 
 def pruned_models(arch: str, budgets: list[float]) -> dict[str, torch.nn.Module]:

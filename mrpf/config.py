@@ -11,6 +11,7 @@ once, each failure naming its key. A key that is not a field is an error naming 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from fractions import Fraction
@@ -19,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from .datasets import DATASETS
 from .errors import MrpfError
 
 # Each list of names, defined once (the schema and the CLI help are tested against these).
@@ -33,6 +35,9 @@ GLOBAL_METHODS = ("global_magnitude", "taylor_adv", "random")    # one global th
 PRUNE_METHODS = ALLOCATION_METHODS + GLOBAL_METHODS
 BUDGET_METRICS = ("macs", "params", "latency")
 ALLOCATION_RULES = ("inverse_mrs", "loss_curve", "joint_search")   # how mrpf turns probe results into per-group ratios
+TRAIN_METHODS = ("clean", "pgd_at", "trades", "mart")          # training objectives (mrpf.objectives.OBJECTIVES)
+DISTILLATION_METHODS = ("rslad",)                              # fine-tune a pruned student from the dense teacher
+FINETUNE_METHODS = TRAIN_METHODS + DISTILLATION_METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,9 +263,7 @@ def _within(key: str, value: float, raw: Any, low: float, high: float, closed_hi
 
 def parse(raw: dict) -> Params:
     """Typed, checked parameters from merged plain data (every key present)."""
-    from .data import DATASETS
-    from .models import check_arch
-    from .objectives import FINETUNE_METHODS, OBJECTIVES
+    from .models import check_arch  # lazily: keeps torch out of the planner (Snakefile, dvcyaml); no cycle
 
     if isinstance(raw["seed"], bool) or not isinstance(raw["seed"], int):
         raise MrpfError(f"seed: expected an integer, got {raw['seed']!r}")
@@ -271,7 +274,7 @@ def parse(raw: dict) -> Params:
     check_arch(raw["model"]["arch"])
     _choice("attack.norm", raw["attack"]["norm"], NORMS)
     _choice("data.offline_set", raw["data"]["offline_set"], OFFLINE_SETS)
-    _choice("train.method", raw["train"]["method"], tuple(OBJECTIVES))
+    _choice("train.method", raw["train"]["method"], TRAIN_METHODS)
     _choice("train.schedule", raw["train"]["schedule"], SCHEDULES)
     sections = {}
     for name, cls in SECTIONS.items():
@@ -364,12 +367,36 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def resolve_params(defaults: dict, raw: dict, overrides: list[dict]) -> dict:
+    """One run's parameters as plain data: ``defaults``, then a params file's sections, then
+    the active grid's ``params`` and ``dataset_params[data.dataset]`` (``grid``, or a
+    ``grid=NAME`` override, picks the grid), then the overrides, which win over the grid."""
+    params = copy.deepcopy(defaults)
+    raw = dict(raw)
+    grid_name, grids = raw.pop("grid", None), raw.pop("grids", None) or {}
+    merge(params, raw)
+    overrides = [copy.deepcopy(o) for o in overrides]
+    for override in overrides:
+        if "grid" in override:
+            grid_name = override.pop("grid")
+    if grid_name is not None:
+        if grid_name not in grids:
+            raise MrpfError(f"grid: unknown grid {grid_name!r} (params file defines: {', '.join(grids) or 'none'})")
+        grid = grids[grid_name] or {}
+        merge(params, copy.deepcopy(grid.get("params") or {}), f"grids.{grid_name}.params.")
+        for override in overrides:
+            merge(params, copy.deepcopy(override))
+        dataset_params = (grid.get("dataset_params") or {}).get(params["data"]["dataset"]) or {}
+        merge(params, copy.deepcopy(dataset_params), f"grids.{grid_name}.dataset_params.")
+    for override in overrides:
+        merge(params, override)
+    return params
+
+
 def load_params(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Params:
     """Defaults, updated by the params file (if any) and its active grid's parameters
-    (``mrpf.workflow.resolve_params``), then by dotted overrides (``grid=NAME`` picks the
-    grid); parsed and checked once."""
-    from .workflow import resolve_params
-
+    (``resolve_params``), then by dotted overrides (``grid=NAME`` picks the grid); parsed and
+    checked once."""
     raw = read_yaml(path) if path is not None else {}
     return parse(resolve_params(DEFAULTS, raw, [parse_override(text) for text in overrides]))
 

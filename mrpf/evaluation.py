@@ -8,7 +8,6 @@ statistics on the same images.
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -21,32 +20,9 @@ from .attacks import autoattack, fgsm
 from .config import Params
 from .errors import MrpfError
 from .io import atomic_path, write_json
-from .latency import timed_ms
 from .models import count_ops, count_parameters, load_model
 from .objectives import evaluation_adversary
-
-
-def latency_ms(model: torch.nn.Module, input_size: int, runtime: devices.Runtime, batch: int, repeats: int,
-               dtype: torch.dtype = torch.float32, reduce=statistics.median) -> float:
-    """Median (or ``reduce``) wall time (ms) of one forward pass on a batch (inputs in ``dtype``,
-    the model's), after warm-up.
-
-    On CUDA with ``device.cuda_graphs`` the forward pass is captured once and replayed from a
-    CUDA graph: the time the GPU needs, without eager PyTorch's launch cost per op, which
-    dominates small models there (docs/performance.md); it is what a deployment through CUDA
-    graphs or TensorRT pays.
-    """
-    x = torch.rand(batch, 3, input_size, input_size, device=runtime.device, dtype=dtype).contiguous(
-        memory_format=runtime.memory_format)
-    forward = lambda: model(x)  # noqa: E731
-    if runtime.device.type == "cuda" and runtime.cuda_graphs:
-        with torch.no_grad():
-            devices.on_side_stream(runtime.device, lambda: [model(x) for _ in range(3)])   # warm-up
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                model(x)
-        forward = graph.replay
-    return timed_ms(forward, runtime.device, repeats, reduce=reduce)
+from .timing import latency_ms
 
 
 def correct_under(model: torch.nn.Module, images: data_mod.ImageSet, attack, runtime: devices.Runtime,

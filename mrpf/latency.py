@@ -24,7 +24,6 @@ from __future__ import annotations
 import bisect
 import copy
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch.nn as nn
 
 from .errors import MrpfError
 from .io import write_json
+from .timing import latency_ms, timed_ms
 
 WIDTH_FRACTIONS = (0.1, 0.325, 0.55, 0.775, 1.0)   # of a layer's dense widths, timed for the table
 TABLE_REPEATS = 5                                  # timed forward passes per table entry (the fastest counts)
@@ -42,21 +42,6 @@ CALIBRATION_TOLERANCE = 0.03  # a candidate within this fraction of the target t
 MEASURE_ROUNDS = 3            # interleaved dense / candidate timings per measurement (fastest of each)
 
 
-def timed_ms(forward, device: torch.device, repeats: int, warmup: int = 3, reduce=statistics.median) -> float:
-    """Wall time (ms) of ``forward()`` over ``repeats`` calls after ``warmup`` calls, synchronising
-    CUDA around each, reduced by ``reduce`` (median; the table takes the fastest, ``min``, the
-    pass least disturbed by other work on a shared machine)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + warmup):
-            sync()
-            t0 = time.perf_counter()
-            forward()
-            sync()
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000)
-    return reduce(times)
 
 
 def _channel_dim(shape: tuple) -> int:
@@ -139,7 +124,6 @@ class LatencyTable:
         """Time each leaf module of ``model`` alone at every width pair of the grid (fp32, eval mode,
         ``runtime``'s device and memory format; the fastest of TABLE_REPEATS passes) and the whole
         model before and after them (the fastest of both), for the scale."""
-        from .evaluation import latency_ms
 
         started = time.perf_counter()
         was_training = model.training
@@ -263,7 +247,6 @@ class MeasuredLatency:
         self.batch, self.repeats = batch, repeats
 
     def fraction(self, model: nn.Module) -> float:
-        from .evaluation import latency_ms
 
         was_training = model.training
         model.eval()

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import pgd, trades_adversary
-from .config import Params, pgd_step_size
+from .config import DISTILLATION_METHODS, TRAIN_METHODS, Params, pgd_step_size
 from .errors import MrpfError
 
 
@@ -140,7 +140,8 @@ def _rslad(model, x, y, adv, beta, *, teacher: nn.Module):
 
 
 DISTILLATION = {"rslad": _rslad}   # objectives that fine-tune a pruned student from the dense teacher
-FINETUNE_METHODS = tuple(OBJECTIVES) + tuple(DISTILLATION)
+if tuple(OBJECTIVES) != TRAIN_METHODS or tuple(DISTILLATION) != DISTILLATION_METHODS:   # one list of names: config's
+    raise ImportError("mrpf.objectives: OBJECTIVES / DISTILLATION differ from mrpf.config's method names")
 
 
 def objective_for(method: str, teacher: nn.Module | None = None) -> Objective:

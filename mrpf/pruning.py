@@ -30,12 +30,12 @@ from . import data as data_mod
 from . import groups as groups_mod
 from .config import ALLOCATION_METHODS, Params
 from .errors import MrpfError
-from .evaluation import latency_ms
 from .io import read_json, remove_stale_temporaries, save_checkpoint, write_json
 from .latency import budget_counts
 from .models import load_model
 from .objectives import DISTILLATION, probe_adversary
 from .sensitivity import check_reusable, compute_curves, compute_mrs, loss_curves, mrs_settings
+from .timing import latency_ms
 from .training import train, train_batches
 
 STEP_FILE = "step.json"

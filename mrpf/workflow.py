@@ -40,7 +40,6 @@ block of ``extra_runs`` (``PrunedRun.name``).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 from pathlib import Path
@@ -48,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from .config import merge, read_yaml
+from .config import read_yaml
 from .errors import MrpfError
 
 SCHEMA = "workflow/schemas/params.schema.yaml"
@@ -316,30 +315,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple = (), schema: str
     return config
 
 
-def resolve_params(defaults: dict, raw: dict, overrides: list[dict]) -> dict:
-    """One run's parameters as plain data: ``defaults``, then a params file's sections, then
-    the active grid's ``params`` and ``dataset_params[data.dataset]`` (``grid``, or a
-    ``grid=NAME`` override, picks the grid), then the overrides, which win over the grid."""
-    params = copy.deepcopy(defaults)
-    raw = dict(raw)
-    grid_name, grids = raw.pop("grid", None), raw.pop("grids", None) or {}
-    merge(params, raw)
-    overrides = [copy.deepcopy(o) for o in overrides]
-    for override in overrides:
-        if "grid" in override:
-            grid_name = override.pop("grid")
-    if grid_name is not None:
-        if grid_name not in grids:
-            raise MrpfError(f"grid: unknown grid {grid_name!r} (params file defines: {', '.join(grids) or 'none'})")
-        grid = grids[grid_name] or {}
-        merge(params, copy.deepcopy(grid.get("params") or {}), f"grids.{grid_name}.params.")
-        for override in overrides:
-            merge(params, copy.deepcopy(override))
-        dataset_params = (grid.get("dataset_params") or {}).get(params["data"]["dataset"]) or {}
-        merge(params, copy.deepcopy(dataset_params), f"grids.{grid_name}.dataset_params.")
-    for override in overrides:
-        merge(params, override)
-    return params
 
 
 def cells(config: dict) -> list[dict]:

@@ -106,7 +106,7 @@ def fake_clock(monkeypatch):
     exactly), a whole model the sum over its layer calls plus OVERHEAD_MS."""
     import torch
 
-    from mrpf import evaluation, latency
+    from mrpf import latency, timing
 
     def layer_timer(forward, device, repeats, warmup=3, reduce=None):
         with torch.no_grad():
@@ -128,4 +128,4 @@ def fake_clock(monkeypatch):
         return total[0]
 
     monkeypatch.setattr(latency, "timed_ms", layer_timer)
-    monkeypatch.setattr(evaluation, "timed_ms", model_timer)
+    monkeypatch.setattr(timing, "timed_ms", model_timer)

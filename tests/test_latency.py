@@ -106,7 +106,7 @@ def test_the_table_is_cached_in_the_run_folder_and_remeasured_for_another_batch(
 def test_the_table_counts_the_fastest_pass_of_each_timing(monkeypatch, fake_clock):
     """Other work on a shared machine only ever slows a pass down: the table keeps each layer's
     and the whole model's fastest pass, so slow passes move neither the layers nor the scale."""
-    from mrpf import evaluation
+    from mrpf import timing
 
     def slowed(clock):
         def timed(forward, device, repeats, warmup=3, reduce=None):
@@ -115,7 +115,7 @@ def test_the_table_counts_the_fastest_pass_of_each_timing(monkeypatch, fake_cloc
         return timed
 
     monkeypatch.setattr(latency, "timed_ms", slowed(latency.timed_ms))
-    monkeypatch.setattr(evaluation, "timed_ms", slowed(evaluation.timed_ms))
+    monkeypatch.setattr(timing, "timed_ms", slowed(timing.timed_ms))
     runtime = setup(DeviceParams(name="cpu", channels_last=False))
     dense = TwoConv(40, 60).eval()
     table = latency.LatencyTable.measure(dense, 16, runtime, BATCH, log=lambda m: None)

@@ -270,7 +270,7 @@ def test_a_latency_budget_is_met_on_the_measured_time_where_the_table_misses_it(
     planned on the table alone a step misses its budget; each step then measures its candidate
     against the dense model and corrects the target until the measured time meets the budget
     (mrpf.latency.calibrate), for the allocation rules and the global thresholds alike."""
-    from mrpf import evaluation
+    from mrpf import timing
     from mrpf.latency import CALIBRATION_TOLERANCE
 
     from . import conftest
@@ -278,7 +278,7 @@ def test_a_latency_budget_is_met_on_the_measured_time_where_the_table_misses_it(
     params = load_params(None, tiny_overrides(tiny_data) + PRUNE + [
         f"prune.method={method}", "prune.sparsity=0.5", "prune.metric=latency", "prune.finetune_epochs=0"])
     model, state = load_model(dense, setup(params.device))
-    layers = evaluation.latency_ms(model.eval(), state["arch"]["input_size"], setup(params.device), 8, 1)
+    layers = timing.latency_ms(model.eval(), state["arch"]["input_size"], setup(params.device), 8, 1)
     monkeypatch.setattr(conftest, "OVERHEAD_MS", 0.3 * (layers - conftest.OVERHEAD_MS))
     logs = []
     summary = run_prune(params, dense, tmp_path / "p", log=logs.append)

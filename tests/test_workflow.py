@@ -36,21 +36,21 @@ def test_every_list_of_names_follows_its_one_definition():
     """The schema's enums, the pipeline's per-method params and the CLI's help use config's lists."""
     from mrpf import config
     from mrpf.cli import build_parser
-    from mrpf.objectives import FINETUNE_METHODS, OBJECTIVES
+    from mrpf.config import FINETUNE_METHODS, TRAIN_METHODS
 
     schema = yaml.safe_load(SCHEMA.read_text())
     sections = schema["$defs"]["sections"]["properties"]
     enums = {("prune", "method"): config.PRUNE_METHODS, ("prune", "metric"): config.BUDGET_METRICS,
              ("attack", "norm"): config.NORMS, ("train", "schedule"): config.SCHEDULES,
              ("mrs", "attack"): config.MRS_ATTACKS, ("mrs", "signal"): config.MRS_SIGNALS,
-             ("train", "method"): tuple(OBJECTIVES), ("prune", "finetune_method"): FINETUNE_METHODS,
+             ("train", "method"): TRAIN_METHODS, ("prune", "finetune_method"): FINETUNE_METHODS,
              ("data", "offline_set"): config.OFFLINE_SETS}
     for (section, key), names in enums.items():
         assert tuple(sections[section]["properties"][key]["enum"]) == names, (section, key)
     assert tuple(sections["evaluate"]["properties"]["attacks"]["items"]["enum"]) == config.EVALUATION_ATTACKS
     grid = schema["$defs"]["grid"]["properties"]
     assert tuple(grid["prune_methods"]["allOf"][1]["items"]["enum"]) == config.PRUNE_METHODS
-    assert tuple(grid["train_methods"]["allOf"][1]["items"]["enum"]) == tuple(OBJECTIVES)
+    assert tuple(grid["train_methods"]["allOf"][1]["items"]["enum"]) == TRAIN_METHODS
     assert set(workflow.PRUNE_PARAMS) == set(config.PRUNE_METHODS)
     from mrpf.data import OFFLINE_NAMES
 
