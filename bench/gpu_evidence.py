@@ -50,7 +50,7 @@ VARIANTS = {"mrpf": ("mrpf", ["prune.allocation=inverse_mrs"]),           # the 
             "mrpf_joint": ("mrpf", ["prune.allocation=joint_search"]),     # the default
             "uniform_l1": ("uniform_l1", [])}
 BASELINE = "uniform_l1"
-SMOKE = ["device.name=cpu", "device.threads=2", "model.arch=vgg11_w8", "train.batch_size=64", "data.val_size=100",
+SMOKE = ["device.name=cpu", "model.arch=vgg11_w8", "train.batch_size=64", "data.val_size=100",
          "data.calibration_size=64", "mrs.batch_size=64", "mrs.steps=1", "evaluate.n_images=200",
          "evaluate.batch_size=200", "prune.steps=1", "prune.finetune_epochs=1", "prune.final_epochs=0",
          "prune.round_to=1", "train.steps=1", "train.val_pgd_steps=1", "evaluate.pgd_steps=2",

@@ -5,9 +5,11 @@ The weights file is read with ``torch.load(weights_only=True)``; a dict nesting 
 under ``state_dict``, ``model`` or ``net`` is unwrapped, and key prefixes every key shares
 (``module.`` from DataParallel, ``model.``, ``net.``, ``_orig_mod.`` from torch.compile)
 are stripped. The normalisation is ``--mean`` / ``--std``, else the file's own (mrpf's
-``normalize.mean`` / ``normalize.std`` keys), else the dataset's; the checkpoint records
-which. Missing or unexpected keys, or a classifier of another class count, are one error
-naming the keys.
+``normalize.mean`` / ``normalize.std`` keys, or the ``mu`` / ``sigma`` buffers of RobustBench
+models that normalise inside), else, for the RobustBench-layout architectures (``wrnD_K``,
+``preact_resnet18*``), none (mean 0, std 1: RobustBench's CIFAR models take raw [0, 1] pixels),
+else the dataset's; the checkpoint records which. Missing or unexpected keys, or a
+classifier of another class count, are one error naming the keys.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from . import data as data_mod
 from .config import Params
 from .errors import MrpfError
 from .io import load_checkpoint, save_checkpoint
-from .models import arch_description, build_model
+from .models import arch_description, build_model, robustbench_layout
 
 PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
 NESTING = ("state_dict", "model", "net")
-NORMALIZE_KEYS = ("normalize.mean", "normalize.std")
+NORMALIZE_KEYS = (("normalize.mean", "normalize.std"), ("mu", "sigma"))   # mrpf's; RobustBench's in-model buffers
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -61,12 +63,13 @@ def import_model(params: Params, arch: str, weights: str | Path, run_dir: str | 
     """Write ``run_dir/checkpoint.pt`` (mrpf's dense checkpoint of ``arch`` with ``weights``)."""
     spec = data_mod.spec_for(params.data)
     state = read_state_dict(weights)
-    found = {k: state.pop(k) for k in NORMALIZE_KEYS if k in state}
-    if mean is None and std is None and len(found) == 2:
-        mean, std, source = found["normalize.mean"].flatten().tolist(), found["normalize.std"].flatten().tolist(), \
-            "the weights file"
+    found = next(((state.pop(m), state.pop(s)) for m, s in NORMALIZE_KEYS if m in state and s in state), None)
+    if mean is None and std is None and found is not None:
+        mean, std, source = found[0].flatten().tolist(), found[1].flatten().tolist(), "the weights file"
     elif mean is not None and std is not None:
         source = "given"
+    elif mean is None and std is None and robustbench_layout(arch):
+        mean, std, source = [0.0] * 3, [1.0] * 3, "none (raw [0, 1] pixels, RobustBench's convention)"
     elif mean is None and std is None:
         mean, std, source = list(spec.mean), list(spec.std), f"the {params.data.dataset} default"
     else:

@@ -7,6 +7,11 @@ convention), so attacks work in pixel space. Names:
 - ``vgg11``, ``vgg16``: VGG with batch norm (Simonyan & Zisserman 2015), CIFAR-style head.
 - ``mobilevit_xxs`` / ``_xs`` / ``_s``: timm's MobileViT (Mehta & Rastegari 2022); for
   32x32 inputs the stem stride is 1 so the last stage still sees a 2x2 map.
+- ``wrnD_K``: WideResNet-D-K (Zagoruyko & Komodakis 2016; depth D = 6n + 4, widen factor K:
+  ``wrn28_10``, ``wrn34_10``, ``wrn70_16``, ``wrn16_4``) and ``preact_resnet18`` /
+  ``preact_resnet18_v2``: PreActResNet-18 (He et al. 2016b), both laid out as RobustBench's
+  architectures (module and parameter names), so a state dict saved from RobustBench's zoo
+  loads into ``Classifier.net`` without renaming a key (docs/deploy.md names the entries).
 - a suffix ``_wN`` divides every width by N (``vgg11_w8``: ~150 k parameters, the
   CPU-scale model), e.g. ``resnet18_w4``.
 - ``tv:NAME`` / ``timm:NAME``: any torchvision or timm classifier, built with
@@ -103,6 +108,118 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+# ----------------------------------------------------------------------------- WideResNet, PreActResNet
+# Module names follow RobustBench (robustbench/model_zoo/architectures/wide_resnet.py and the
+# PreActResNet of resnet.py) so that its checkpoints load key for key; the layers are written
+# here because RobustBench is not a dependency (it pins old torch and pulls in its model zoo).
+
+
+class WideBlock(nn.Module):
+    """Pre-activation wide basic block: act(bn1) -> conv1 -> act(bn2) -> conv2, plus the
+    block's input where the widths agree, else ``convShortcut`` (1x1) of the activated input."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, act: type[nn.Module] = nn.ReLU):
+        super().__init__()
+        self.bn1, self.relu1 = nn.BatchNorm2d(in_planes), act()
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.bn2, self.relu2 = nn.BatchNorm2d(out_planes), act()
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        self.convShortcut = None if in_planes == out_planes and stride == 1 else \
+            nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = self.relu1(self.bn1(x))
+        out = self.conv2(self.relu2(self.bn2(self.conv1(activated))))
+        return out + (x if self.convShortcut is None else self.convShortcut(activated))
+
+
+class NetworkBlock(nn.Module):
+    """One WideResNet stage: ``layer``, a sequence of wide blocks (the first may stride)."""
+
+    def __init__(self, n: int, in_planes: int, out_planes: int, stride: int, act: type[nn.Module]):
+        super().__init__()
+        self.layer = nn.Sequential(*[WideBlock(in_planes if i == 0 else out_planes, out_planes,
+                                               stride if i == 0 else 1, act) for i in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WideResNet-D-K: a 3x3 stem, three stages of (D - 4) / 6 wide blocks at widths 16K,
+    32K, 64K (strides 1, 2, 2), then act(bn1), global average pool and ``fc``."""
+
+    def __init__(self, depth: int, widen: int, num_classes: int, width_div: int = 1, act: type[nn.Module] = nn.ReLU):
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = [max(1, w // width_div) for w in (16, 16 * widen, 32 * widen, 64 * widen)]
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.block1 = NetworkBlock(n, widths[0], widths[1], 1, act)
+        self.block2 = NetworkBlock(n, widths[1], widths[2], 2, act)
+        self.block3 = NetworkBlock(n, widths[2], widths[3], 2, act)
+        self.bn1, self.relu = nn.BatchNorm2d(widths[3]), act()
+        self.pool = nn.AdaptiveAvgPool2d(1)   # RobustBench's avg_pool2d(8) at 32x32; any input size here
+        self.fc = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(self.relu(self.bn1(x))), 1))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block: act(bn1) -> conv1 -> act(bn2) -> conv2, plus the block's
+    input or ``shortcut`` (a 1x1 conv) of it; with ``activated_shortcut`` (RobustBench's
+    PreActBlockV2) the shortcut convolution takes the activated input instead."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, act: type[nn.Module], activated_shortcut: bool):
+        super().__init__()
+        self.activated_shortcut = activated_shortcut
+        self.bn1, self.act1 = nn.BatchNorm2d(in_planes), act()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2, self.act2 = nn.BatchNorm2d(planes), act()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = self.act1(self.bn1(x))
+        if hasattr(self, "shortcut"):
+            shortcut = self.shortcut(activated if self.activated_shortcut else x)
+        else:
+            shortcut = x
+        return self.conv2(self.act2(self.bn2(self.conv1(activated)))) + shortcut
+
+
+class PreActResNet(nn.Module):
+    """PreActResNet-18: a 3x3 stem without BN, four stages of two pre-activation blocks,
+    optionally act(``bn``) before the pool (``bn_before_fc``), then ``linear``."""
+
+    def __init__(self, num_classes: int, width_div: int = 1, act: type[nn.Module] = nn.ReLU,
+                 activated_shortcut: bool = False, bn_before_fc: bool = False):
+        super().__init__()
+        width = max(1, 64 // width_div)
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        stages, in_planes = [], width
+        for i in range(4):
+            planes = width * 2 ** i
+            stages.append(nn.Sequential(*[PreActBlock(in_planes if j == 0 else planes, planes,
+                                                      2 if i > 0 and j == 0 else 1, act, activated_shortcut)
+                                          for j in range(2)]))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        if bn_before_fc:
+            self.bn = nn.BatchNorm2d(in_planes)
+        self.final_act = act()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        if hasattr(self, "bn"):
+            x = self.final_act(self.bn(x))
+        return self.linear(torch.flatten(self.pool(x), 1))
+
+
 # ----------------------------------------------------------------------------- VGG
 
 VGG_CONFIGS = {
@@ -164,8 +281,15 @@ def _mv(variant: str) -> Callable[..., nn.Module]:
     return build
 
 
+def _preact(activated_shortcut: bool, bn_before_fc: bool) -> Callable[..., nn.Module]:
+    return lambda num_classes, input_size, width_div, act: PreActResNet(num_classes, width_div, act,
+                                                                        activated_shortcut, bn_before_fc)
+
+
 REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet18,
+    "preact_resnet18": _preact(activated_shortcut=False, bn_before_fc=False),    # RobustBench's PreActBlock
+    "preact_resnet18_v2": _preact(activated_shortcut=True, bn_before_fc=True),   # PreActBlockV2 + bn_before_fc
     "vgg11": _vgg("vgg11"),
     "vgg16": _vgg("vgg16"),
     "mobilevit_xxs": _mv("mobilevit_xxs"),
@@ -174,10 +298,40 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
 }
 
 _WIDTH = re.compile(r"^(?P<base>.+)_w(?P<div>\d+)$")
+_WRN = re.compile(r"^wrn(?P<depth>\d+)_(?P<widen>\d+)$")
 
 
 def available() -> list[str]:
-    return sorted(REGISTRY) + ["<name>_wN", "tv:<torchvision name>", "timm:<timm name>"]
+    return sorted(REGISTRY) + ["wrnD_K", "<name>_wN", "tv:<torchvision name>", "timm:<timm name>"]
+
+
+def _builder(base: str) -> Callable[..., nn.Module] | None:
+    """The registry's builder for a name without its ``_wN`` suffix (None if it has none)."""
+    if base in REGISTRY:
+        return REGISTRY[base]
+    m = _WRN.match(base)
+    if not m:
+        return None
+    depth, widen = int(m.group("depth")), int(m.group("widen"))
+    if depth < 10 or (depth - 4) % 6 or widen < 1:
+        raise MrpfError(f"model.arch: {base}: a WideResNet's depth is 6n + 4 (10, 16, 22, 28, 34, 40, ...) and its "
+                        f"widen factor at least 1, got depth {depth}, widen factor {widen}")
+    return lambda num_classes, input_size, width_div, act: WideResNet(depth, widen, num_classes, width_div, act)
+
+
+def robustbench_layout(name: str) -> bool:
+    """Whether ``name`` is one of the architectures laid out as RobustBench's (WideResNet,
+    PreActResNet), whose published checkpoints expect raw [0, 1] pixels unless they say otherwise."""
+    base, _ = _split_width(name)
+    return base.startswith("preact_resnet") or bool(_WRN.match(base))
+
+
+def _split_width(name: str) -> tuple[str, int]:
+    """``NAME_wN`` -> (NAME, N) where NAME is a registry name; else (name, 1)."""
+    m = _WIDTH.match(name)
+    if m and (m.group("base") in REGISTRY or _WRN.match(m.group("base"))):
+        return m.group("base"), int(m.group("div"))
+    return name, 1
 
 
 def check_arch(name: str) -> None:
@@ -197,11 +351,10 @@ def check_arch(name: str) -> None:
         if not known:
             raise MrpfError(f"model.arch: unknown architecture {name!r} (tv:NAME for torchvision, timm:NAME for timm)")
         return
-    m = _WIDTH.match(name)
-    base = m.group("base") if m and m.group("base") in REGISTRY else name
-    if base not in REGISTRY:
+    base, div = _split_width(name)
+    if _builder(base) is None:
         raise MrpfError(f"model.arch: unknown architecture {name!r} (choose from {', '.join(available())})")
-    if m and base != name and int(m.group("div")) < 1:
+    if div < 1:
         raise MrpfError(f"model.arch: width divisor must be >= 1 in {name!r}")
 
 
@@ -233,9 +386,8 @@ def build_model(name: str, num_classes: int, input_size: int,
             raise MrpfError(f"model.activation: {name} keeps its own activations; leave model.activation=relu")
         net = _external(name, num_classes)
     else:
-        m = _WIDTH.match(name)
-        base, div = (m.group("base"), int(m.group("div"))) if m and m.group("base") in REGISTRY else (name, 1)
-        net = REGISTRY[base](num_classes, input_size, div, ACTIVATIONS[activation])
+        base, div = _split_width(name)
+        net = _builder(base)(num_classes, input_size, div, ACTIVATIONS[activation])
     return Classifier(net, mean, std)
 
 

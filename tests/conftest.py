@@ -4,13 +4,27 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Threads per test process: the machine's cores (at most 2) shared among pytest-xdist's
+# workers (pyproject.toml runs one worker per core), so that workers do not oversubscribe.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+TEST_THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+torch.set_num_threads(TEST_THREADS)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mrpf_cli(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``python -m mrpf ARGS`` in ``cwd`` with this checkout's package, TEST_THREADS threads."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(TEST_THREADS))
+    return subprocess.run([sys.executable, "-m", "mrpf", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_TRAIN = SHARED_DATA / "cifar10-subset-train.npz"

@@ -33,19 +33,18 @@ TINY_GRID = {
 }
 
 
-IMPORTED_GRID = dict(TINY_GRID, archs=["vggimp"], prune_methods=["uniform_l1"], imported={
-    "vggimp": {"arch": "vgg11_w8", "weights": "models/vgg.pth", "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}})
+IMPORTED_GRID = dict(TINY_GRID, archs=["wrnimp"], prune_methods=["uniform_l1"], imported={
+    "wrnimp": {"arch": "wrn10_1", "weights": "models/wrn.pth", "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}})
 
 
 def write_foreign_weights(path: Path) -> Path:
-    """The state dict of a VGG-11/8 saved by plain torch code, as DataParallel names it."""
+    """A WideResNet-10-1 state dict in RobustBench's layout, saved as DataParallel names it."""
     import torch
 
-    from mrpf.models import build_model
+    from .robustbench_layout import robustbench_wrn
 
-    net = build_model("vgg11_w8", 10, 32).net
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in robustbench_wrn(10, 1).items()}}, path)
     return path
 
 

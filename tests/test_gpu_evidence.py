@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import make_images, write_shard
+from .conftest import TEST_THREADS, make_images, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def test_gpu_evidence_script_runs_every_step_on_the_cpu(tmp_path):
     write_shard(data / "cifar10-train-000001.tar.gz", x[300:600], y[300:600])
     write_shard(data / "cifar10-test-000000.tar.gz", x[600:], y[600:])
     env = dict(os.environ, GPU_EVIDENCE_SMOKE="1", GPU_EVIDENCE_DATA=str(data), GPU_EVIDENCE_WORK=str(tmp_path / "w"),
-               OMP_NUM_THREADS="2")
+               OMP_NUM_THREADS=str(TEST_THREADS))
     done = subprocess.run(["bash", "bench/gpu_evidence.sh", "150"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

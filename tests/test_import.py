@@ -4,15 +4,13 @@ mrpf checkpoint that MRS, prune and evaluate accept; mismatches are one clear er
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
+from .conftest import mrpf_cli as mrpf
 from .conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +20,6 @@ SMALL = ["evaluate.n_images=50", "evaluate.attacks=[clean,pgd]", "evaluate.pgd_s
          "device.name=cpu"]
 
 
-def mrpf(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, "-m", "mrpf", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)
 
 
 @pytest.fixture(scope="module")

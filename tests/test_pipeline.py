@@ -189,22 +189,23 @@ def test_a_seeded_grid_in_its_out_folder_is_recorded_by_dvc_and_reported_over_se
 
 
 def test_a_grid_starts_from_an_imported_model_instead_of_training(tmp_path):
-    """A grid's ``imported`` arch: Snakemake imports the foreign state dict (prefixes stripped,
-    the normalisation given), evaluates, prunes and reports it, trains nothing, and DVC records it."""
+    """A grid's ``imported`` arch: Snakemake imports the foreign state dict (a WideResNet in
+    RobustBench's layout; prefixes stripped, the normalisation given), evaluates, prunes and
+    reports it, trains nothing, and DVC records it."""
     import torch
 
     from .pipeline_project import IMPORTED_GRID, write_foreign_weights
 
     folder = make_project(tmp_path / "proj", grid=IMPORTED_GRID, git=False)
-    weights = write_foreign_weights(folder / "models" / "vgg.pth")
+    weights = write_foreign_weights(folder / "models" / "wrn.pth")
     run(["snakemake", "--cores", "2"], folder)
-    runs = folder / "results/cifar10/vggimp/pgd_at"
+    runs = folder / "results/cifar10/wrnimp/pgd_at"
     dense = torch.load(runs / "dense/checkpoint.pt", weights_only=True)
     foreign = torch.load(weights, weights_only=True)["state_dict"]
     assert all(torch.equal(dense["state_dict"][f"net.{k.removeprefix('module.')}"], v) for k, v in foreign.items())
     assert dense["state_dict"]["normalize.mean"].flatten().tolist() == pytest.approx([0.4, 0.5, 0.6])
     assert not (runs / "dense/train_metrics.json").exists()
     assert json.loads((runs / "dense/eval.json").read_text())["n_images"] == 100
-    assert (runs / "uniform_l1-0.5/eval.json").is_file() and "vggimp" in (folder / "reports/summary.md").read_text()
+    assert (runs / "uniform_l1-0.5/eval.json").is_file() and "wrnimp" in (folder / "reports/summary.md").read_text()
     run(["dvc", "commit", "-f"], folder)
     assert "up to date" in run(["dvc", "status"], folder).stdout

@@ -144,19 +144,19 @@ SEEDED_GRID = dict(TINY_GRID, seeds=[0, 1], out="experiments/seeded", extra_runs
                          ids=["tiny", "seeds-extra-out", "imported"])
 def test_snakemake_and_dvc_plan_the_same_commands_and_outputs(tmp_path, grid, jobs):
     folder = make_project(tmp_path / "proj", grid=grid, git=False)
-    write_foreign_weights(folder / "models" / "vgg.pth")
+    write_foreign_weights(folder / "models" / "wrn.pth")
     smk, dvc = snakemake_plan(folder), dvc_plan(folder)
     assert len(smk) == jobs
     assert smk == dvc
     if grid is IMPORTED_GRID:   # the dense model is imported, not trained
         assert not any(command.startswith("mrpf train") for command, _ in smk)
-        assert any(command.startswith("mrpf import") and "--arch vgg11_w8 --weights models/vgg.pth --no-evaluate"
+        assert any(command.startswith("mrpf import") and "--arch wrn10_1 --weights models/wrn.pth --no-evaluate"
                    in command and command.endswith("--mean 0.4,0.5,0.6 --std 0.2,0.25,0.3") for command, _ in smk)
 
 
 def test_imported_archs_must_be_archs_of_the_grid():
     config = {"grid": "g", "grids": {"g": dict(IMPORTED_GRID, archs=["vgg11_w8"])}}
-    with pytest.raises(MrpfError, match="grids.g.imported.vggimp: not one of the grid's archs"):
+    with pytest.raises(MrpfError, match="grids.g.imported.wrnimp: not one of the grid's archs"):
         workflow.validate_config(config, ROOT / workflow.SCHEMA)
 
 
