@@ -144,12 +144,13 @@ def main() -> int:
         mrpf(["evaluate", "--run", model, *run, "evaluate.attacks=[clean,pgd]"], log)
     say("clean and PGD-20 evaluated")
 
+    unit = 20 if args.smoke else 100    # AutoAttack images: timed on this many, run in multiples of it
     first_s = mrpf(["evaluate", "--run", "dense", *run, "evaluate.attacks=[autoattack]",
-                    "evaluate.autoattack_images=100", "--out", str(work / "dense/eval_aa100.json")], log)
-    per_image = first_s / 100
-    fit = int(0.6 * clock.left() / (len(models) * per_image)) // 100 * 100
-    aa_images = min(1000, fit)
-    if aa_images >= 100:
+                    f"evaluate.autoattack_images={unit}", "--out", str(work / "dense/eval_aa_probe.json")], log)
+    per_image = first_s / unit
+    fit = int(0.6 * clock.left() / (len(models) * per_image)) // unit * unit
+    aa_images = min(unit if args.smoke else 1000, fit)
+    if aa_images >= unit:
         for model in models:
             mrpf(["evaluate", "--run", model, *run, "evaluate.attacks=[autoattack]",
                   f"evaluate.autoattack_images={aa_images}", "--out", str(work / model / "eval_aa.json")], log)
