@@ -251,6 +251,19 @@ def _check_reach(attack: AttackParams, key: str, raw: Any, given: float | None, 
                         f"{attack.eps / steps:.4g}")
 
 
+def _check_radius(attack: AttackParams, raw: Any, spec) -> None:
+    """A radius in the wrong unit (the common slip: ``8`` meant as 8/255) would run and report
+    0 % robust accuracy. Inputs are pixels in [0, 1]: an L-inf radius of 1 or more, or an L2
+    radius beyond the image's diagonal (sqrt(3 * H * W), every pixel moved 0 -> 1), is refused."""
+    if attack.norm == "linf" and attack.eps >= 1:
+        raise MrpfError(f"attack.eps: {raw} is outside the pixel range [0, 1]; did you mean {raw}/255?")
+    size = spec.input_size if spec is not None else 32
+    diagonal = (3 * size * size) ** 0.5
+    if attack.norm == "l2" and attack.eps > diagonal:
+        raise MrpfError(f"attack.eps: {raw} is beyond the L2 diagonal of a {size}x{size} image in [0, 1] "
+                        f"({diagonal:.1f}); L2 radii are in [0, 1] pixel units (0.5 is common on CIFAR)")
+
+
 def _choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise MrpfError(f"{key}: unknown value {value!r} (choose from {', '.join(map(str, choices))})")
@@ -285,6 +298,7 @@ def parse(raw: dict) -> Params:
     attack, train, evaluate = params.attack, params.train, params.evaluate
     if attack.eps < 0:
         raise MrpfError(f"attack.eps: must be >= 0, got {raw['attack']['eps']!r}")
+    _check_radius(attack, raw["attack"]["eps"], DATASETS.get(params.data.dataset))
     for key in ("lr", "momentum", "weight_decay", "gamma", "beta"):
         if getattr(train, key) < 0:
             raise MrpfError(f"train.{key}: must be >= 0, got {raw['train'][key]!r}")
