@@ -27,7 +27,8 @@ TINY_GRID = {
         "evaluate": {"n_images": 100, "pgd_steps": 2, "step_size": None, "attacks": ["clean", "fgsm", "pgd", "cw"],
                      "autoattack_images": 0, "latency_repeats": 2, "latency_batch": 8},
         "mrs": {"steps": 1, "batch_size": 64},
-        "prune": {"steps": 1, "finetune_epochs": 1, "final_epochs": 0},
+        # the paper's rule: joint_search's candidate scoring is tested in tests/test_selection.py
+        "prune": {"steps": 1, "finetune_epochs": 1, "final_epochs": 0, "allocation": "inverse_mrs"},
         "device": {"name": "cpu", "threads": 1},
     },
 }
