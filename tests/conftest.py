@@ -17,6 +17,8 @@ import torch
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 TEST_THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
 torch.set_num_threads(TEST_THREADS)
+if WORKERS > 1:   # and in every subprocess a test starts (mrpf, snakemake, bench scripts) unless it says otherwise
+    os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
 ROOT = Path(__file__).resolve().parents[1]
 
 

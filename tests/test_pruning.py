@@ -1,7 +1,5 @@
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from mrpf.models import Classifier, load_model
 from mrpf.pruning import run_prune
 from mrpf.training import train
 
+from .conftest import mrpf_cli as mrpf
 from .conftest import tiny_overrides
 
 PRUNE = ["prune.steps=2", "prune.finetune_epochs=1", "prune.final_epochs=0", "mrs.steps=2", "mrs.batch_size=64"]
@@ -61,10 +60,6 @@ def test_every_method_prunes_to_the_budget_and_fine_tunes(tiny_data, dense, tmp_
     assert sum(p.numel() for p in model.parameters()) < 0.75 * 579_098
     with torch.no_grad():
         assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
-
-
-def mrpf(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "mrpf", *args], cwd=cwd, capture_output=True, text=True)
 
 
 def test_cli_mrs_writes_json_and_chart_then_prune_and_evaluate(tiny_data, dense, tmp_path):

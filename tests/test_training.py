@@ -1,7 +1,5 @@
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from mrpf.io import load_checkpoint, save_checkpoint
 from mrpf.models import arch_description, build_model, load_model
 from mrpf.training import make_scheduler, train
 
+from .conftest import mrpf_cli as mrpf
 from .conftest import tiny_overrides
 
 CPU = setup(DeviceParams(name="cpu", channels_last=True, bf16=False))
@@ -154,10 +153,6 @@ def test_divergence_stops_with_epoch_and_batch_and_no_checkpoint(tiny_data, tmp_
     with pytest.raises(MrpfError, match=r"training diverged: loss is (nan|inf) at epoch 1, batch \d+"):
         train(params, tmp_path / "run", log=quiet)
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "last.pt").exists()
-
-
-def mrpf(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "mrpf", *args], cwd=cwd, capture_output=True, text=True)
 
 
 def test_cli_train_then_evaluate(tiny_data, tmp_path):
