@@ -33,10 +33,8 @@ from .errors import MrpfError
 from .latency import LatencyTable, budget_counts
 
 
-def group_costs(model: nn.Module, groups: list[groups_mod.Group], input_size: int, metric: str) -> list[float]:
-    """Per-channel cost of each group in the budget metric, from layer shapes (an estimate that
-    only shapes the allocation; the budget itself is met on measured counts). Latency is
-    estimated by MACs here; the budget search then meets it on the latency table."""
+def layer_output_shapes(model: nn.Module, input_size: int) -> dict[nn.Module, tuple]:
+    """The output shape of every conv and linear layer on one input of ``input_size``, in call order."""
     shapes: dict[nn.Module, tuple] = {}
     hooks = [m.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, tuple(o.shape)))
              for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -47,6 +45,14 @@ def group_costs(model: nn.Module, groups: list[groups_mod.Group], input_size: in
     model.train(was_training)
     for h in hooks:
         h.remove()
+    return shapes
+
+
+def group_costs(model: nn.Module, groups: list[groups_mod.Group], input_size: int, metric: str) -> list[float]:
+    """Per-channel cost of each group in the budget metric, from layer shapes (an estimate that
+    only shapes the allocation; the budget itself is met on measured counts). Latency is
+    estimated by MACs here; the budget search then meets it on the latency table."""
+    shapes = layer_output_shapes(model, input_size)
     costs = []
     for group in groups:
         total = 0.0
@@ -164,19 +170,28 @@ def prune_copy(model: nn.Module, input_size: int, num_classes: int, ratios: list
     return pruned, apply_ratios(pruned, input_size, num_classes, ratios, round_to, caps)
 
 
+def removal_count(channels: int, ratio: float, round_to: int, cap: int) -> int:
+    """Channels a group of ``channels`` loses at ratio r: round(r * channels), at most ``cap``,
+    adjusted by ``rounded_removal`` (what ``apply_ratios`` removes, and HYDRA's masks drop)."""
+    return rounded_removal(channels, int(round(ratio * channels)), round_to, cap)
+
+
 def apply_ratios(pruned: nn.Module, input_size: int, num_classes: int, ratios: list[float],
-                 round_to: int = 1, caps: list[int] | None = None) -> list:
-    """Prune in place: each group loses round(r_g * channels) smallest-magnitude channels, at
-    most ``caps[g]`` (default: all but one), adjusted by ``rounded_removal``."""
+                 round_to: int = 1, caps: list[int] | None = None,
+                 scores: list[torch.Tensor] | None = None) -> list:
+    """Prune in place: each group loses ``removal_count`` channels (``caps[g]`` at most; default:
+    all but one), the smallest-magnitude ones, or the lowest-scored ones where ``scores`` (one
+    tensor per group: HYDRA's and HARP's learned scores) are given."""
     graph, found = groups_mod.find_groups(pruned, input_size, num_classes)
     if len(found) != len(ratios):
         raise MrpfError(f"{len(ratios)} ratios for {len(found)} groups")
     caps = caps or [g.channels - 1 for g in found]
     remove = {}
     for group, r, cap in zip(found, ratios, caps):
-        n = rounded_removal(group.channels, int(round(r * group.channels)), round_to, cap)
+        n = removal_count(group.channels, r, round_to, cap)
         if n > 0:
-            order = torch.argsort(groups_mod.channel_magnitude(pruned, group))
+            order = (torch.argsort(groups_mod.channel_magnitude(pruned, group)) if scores is None
+                     else torch.argsort(scores[group.id].detach().cpu(), stable=True))
             remove[group.id] = order[:n].tolist()
     return groups_mod.prune(graph, found, remove)
 

@@ -32,7 +32,9 @@ MRS_ATTACKS = ("adaptive", "fixed")
 MRS_SIGNALS = ("robust", "clean")
 ALLOCATION_METHODS = ("mrpf", "mrpf_clean", "uniform_l1")      # per-group ratios by the budget solve
 GLOBAL_METHODS = ("global_magnitude", "taylor_adv", "random")    # one global threshold on channel scores
-PRUNE_METHODS = ALLOCATION_METHODS + GLOBAL_METHODS
+LEARNED_METHODS = ("hydra", "harp")                            # channel scores (and rates) learned, weights frozen
+PRUNE_METHODS = ALLOCATION_METHODS + GLOBAL_METHODS + LEARNED_METHODS
+SCORE_RATIOS = ("uniform", "mrpf")                               # the per-group ratios HYDRA's masks keep
 BUDGET_METRICS = ("macs", "params", "latency")
 ALLOCATION_RULES = ("inverse_mrs", "loss_curve", "joint_search")   # how mrpf turns probe results into per-group ratios
 TRAIN_METHODS = ("clean", "pgd_at", "trades", "mart")          # training objectives (mrpf.objectives.OBJECTIVES)
@@ -125,6 +127,9 @@ class PruneParams:
     finetune_method: str = "trades"     # clean | pgd_at | trades | mart | rslad (distils from the dense model)
     finetune_lr: float = 0.01           # peak lr of each fine-tune (cosine schedule)
     search_finetune_batches: int = 0    # joint_search: fine-tuning batches per candidate before scoring (0: none)
+    score_epochs: int = 5               # hydra / harp: epochs of score (and rate) learning per step, weights frozen
+    score_ratios: str = "uniform"       # hydra: ratios its masks keep: uniform | mrpf (the mrpf method's allocation)
+    score_lr: float = 0.1               # hydra / harp: peak lr of score learning (SGD, cosine; HYDRA's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +166,7 @@ SECTIONS: dict[str, type] = {f.name: f.default.__class__ for f in dataclasses.fi
 WORKFLOW_KEYS = ("grid", "grids")                 # params.yaml keys that belong to the pipeline (mrpf/workflow.py)
 POSITIVE = {"train.batch_size", "evaluate.batch_size", "evaluate.latency_batch", "evaluate.latency_repeats",
             "evaluate.restarts", "evaluate.n_images", "evaluate.pgd_steps", "mrs.batch_size", "prune.steps",
-            "prune.round_to", "device.threads"}   # integers that must be >= 1 (the others: >= 0)
+            "prune.round_to", "prune.score_epochs", "device.threads"}   # integers that must be >= 1 (the others: >= 0)
 
 
 def plain(value: Any) -> Any:
@@ -311,6 +316,9 @@ def parse(raw: dict) -> Params:
     _choice("prune.metric", params.prune.metric, BUDGET_METRICS)
     _choice("prune.finetune_method", params.prune.finetune_method, FINETUNE_METHODS)
     _choice("prune.allocation", params.prune.allocation, ALLOCATION_RULES)
+    _choice("prune.score_ratios", params.prune.score_ratios, SCORE_RATIOS)
+    if params.prune.score_lr <= 0:
+        raise MrpfError(f"prune.score_lr: must be > 0, got {raw['prune']['score_lr']!r}")
     if params.prune.search_finetune_batches and params.prune.allocation != "joint_search":
         raise MrpfError(f"prune.search_finetune_batches: fine-tunes joint_search's candidates, so it needs "
                         f"prune.allocation: joint_search (got {params.prune.allocation!r})")

@@ -71,10 +71,11 @@ def folded(model: nn.Module) -> nn.Module:
     convolutions before them, for the model's current weights and running statistics.
 
     Only valid in eval mode (the caller, ``attacks.attack_mode``, ensures it). Returns
-    ``model`` itself when nothing folds (no Conv->BN pair, or a model FX cannot trace),
-    or when the environment sets ``MRPF_FOLD_BN=0`` (for benchmarks and debugging).
+    ``model`` itself when nothing folds (no Conv->BN pair, or a model FX cannot trace), for a
+    model that says ``foldable = False`` (learned.MaskedModel: its weights are made on each
+    call), or when the environment sets ``MRPF_FOLD_BN=0`` (for benchmarks and debugging).
     """
-    if os.environ.get("MRPF_FOLD_BN", "1") == "0":
+    if os.environ.get("MRPF_FOLD_BN", "1") == "0" or not getattr(model, "foldable", True):
         return model
     signature = _signature(model)
     cached = _CACHE.get(model)

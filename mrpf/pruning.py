@@ -12,7 +12,9 @@ Methods (``config.PRUNE_METHODS``):
 - ``mrpf_clean``: the same with the clean signal (delta = 0);
 - ``uniform_l1``: the same ratio in every group (alpha = 0, no cost weights);
 - ``global_magnitude``, ``taylor_adv``, ``random``: one global threshold on channel scores
-  (scoring.py).
+  (scoring.py);
+- ``hydra``, ``harp``: channel scores (HARP: and per-group keep-rates) learned from the robust
+  loss with the weights frozen (learned.py), then the lowest-scored channels removed.
 Within a group, ``mrpf``/``mrpf_clean``/``uniform_l1`` remove the smallest-magnitude channels.
 With ``mrs_path`` (the pipeline's ``mrs`` stage output), MRPF's first step takes the dense
 model's MRS from that file instead of measuring it again; later steps measure the current model.
@@ -25,10 +27,10 @@ import json
 import time
 from pathlib import Path
 
-from . import allocation, devices, latency, scoring, selection
+from . import allocation, devices, latency, learned, scoring, selection
 from . import data as data_mod
 from . import groups as groups_mod
-from .config import ALLOCATION_METHODS, Params
+from .config import ALLOCATION_METHODS, LEARNED_METHODS, Params
 from .errors import MrpfError
 from .io import read_json, remove_stale_temporaries, save_checkpoint, write_json
 from .latency import budget_counts
@@ -55,16 +57,97 @@ def final_widths(model, arch: dict, dense: dict[str, int]) -> list[list]:
     return [[name, kept[name], dense[name]] for name, _ in model.named_modules() if name in kept and name in dense]
 
 
-def prune_step(model, arch, params: Params, calibration, runtime, budget, dense, log, *, step: int = 1,
+def allocation_solver(method: str, model, found, arch, params: Params, calibration, runtime, dense, dense_channels,
+                      record: dict, log, *, dense_mrs: dict | None = None, table=None, tune=None):
+    """``solve_for(target)``: the ``allocation.solve`` result (ratios, caps) of an allocation
+    method (``config.ALLOCATION_METHODS``) on ``model`` at a budget; measures the MRS (or
+    takes ``dense_mrs``) once, into ``record``."""
+    pp = params.prune
+    arch_size, classes = arch["input_size"], arch["num_classes"]
+    curves, search = None, False
+    if method == "uniform_l1":
+        mrs, alpha, cost_aware = [1.0] * len(found), 0.0, False
+    else:
+        settings = mrs_settings(params, "clean" if method == "mrpf_clean" else None)
+        if dense_mrs is not None:
+            result = dense_mrs
+            log("step 1: MRS of the dense model from the mrs stage")
+        else:
+            result = compute_mrs(model, found, calibration, probe_adversary(params), runtime, settings,
+                                 params.mrs.batch_size, log)
+        record["mrs"] = result
+        mrs = [row["mrs"] for row in result["groups"]]
+        alpha, cost_aware, search = pp.alpha, pp.cost_aware, pp.allocation == "joint_search"
+        if pp.allocation == "loss_curve":
+            record["curves"] = result["curves"] if dense_mrs is not None else compute_curves(
+                model, found, calibration, probe_adversary(params), runtime, settings, params.mrs.curve_ratios,
+                params.mrs.batch_size, log, measured=result)
+            curves = loss_curves(record["curves"])
+
+    def solve_at(target: float, strength: float = 1.0) -> dict:
+        return allocation.solve(model, found, mrs, input_size=arch_size, num_classes=classes, budget=target,
+                                metric=pp.metric, alpha=alpha, r_max=pp.r_max, cost_aware=cost_aware,
+                                dense=dense, round_to=pp.round_to, dense_channels=dense_channels,
+                                curves=curves, table=table, strength=strength)
+
+    def solve_for(target: float) -> dict:
+        if not search:
+            return solve_at(target)
+        solved, record["search"] = selection.select_strength(
+            lambda strength: solve_at(target, strength), model, calibration, probe_adversary(params),
+            runtime, params.mrs.batch_size, arch_size, classes, pp.round_to, log, tune)
+        return solved
+
+    return solve_for
+
+
+def learned_solver(model, found, arch, params: Params, splits, runtime, budget, dense, dense_channels, record: dict,
+                   log, *, step: int, run_dir: Path, teacher=None, table=None, tune=None):
+    """HYDRA's or HARP's ``(solve_for, scores)``: the channel scores learned at ``budget``
+    (learned.py), and ``solve_for(target)`` giving the ratios they are pruned at: HYDRA's masks
+    keep the ratios of uniform_l1 (or mrpf: ``prune.score_ratios``); HARP's learned removal
+    rates r_g are met on the measured model by the budget search, r_g' = min(cap, lambda r_g)."""
+    pp = params.prune
+    base = "mrpf" if pp.method == "hydra" and pp.score_ratios == "mrpf" else "uniform_l1"
+    solve_for = allocation_solver(base, model, found, arch, params, splits.calibration, runtime, dense,
+                                  dense_channels, record, log, table=table, tune=tune)
+    start = solve_for(budget)
+    keep = [g.channels - allocation.removal_count(g.channels, r, pp.round_to, cap)
+            for g, r, cap in zip(found, start["ratios"], start["caps"])]
+    harp = pp.method == "harp"
+    costs = learned.layer_costs(model, found, arch["input_size"], pp.metric) if harp else None
+    current = budget_counts(model, arch["input_size"], table)
+    keep_target = (1 - budget) * dense[pp.metric] / current[pp.metric]
+    result = learned.learn(model, found, keep, start["caps"], params, splits.train, splits.spec, runtime, teacher,
+                           run_dir / f"step{step}", step, _resume_key(params), rates=harp, keep_target=keep_target,
+                           costs=costs, log=log)
+    record["learned"] = {"history": result.history, "initial_keep": keep}
+    if not harp:
+        return solve_for, result.scores
+    record["learned"]["removal_rates"] = result.removal_rates
+    rates = [max(r, 1e-6) for r in result.removal_rates]
+
+    def solve_rates(target: float) -> dict:    # r_g = min(cap, lambda * w_g / MRS_g) with MRS_g = 1 / rate_g
+        return allocation.solve(model, found, [1 / r for r in rates], input_size=arch["input_size"],
+                                num_classes=arch["num_classes"], budget=target, metric=pp.metric, alpha=1.0,
+                                r_max=pp.r_max, cost_aware=False, dense=dense, round_to=pp.round_to,
+                                dense_channels=dense_channels, table=table)
+    return solve_rates, result.scores
+
+
+def prune_step(model, arch, params: Params, splits, runtime, budget, dense, log, *, step: int = 1,
                widths: dict[str, int] | None = None, dense_mrs: dict | None = None,
                table: latency.LatencyTable | None = None,
-               meter: latency.MeasuredLatency | None = None, tune=None) -> tuple[dict, list]:
+               meter: latency.MeasuredLatency | None = None, tune=None, teacher=None,
+               run_dir: Path | None = None) -> tuple[dict, list]:
     """Prune ``model`` in place to ``budget`` (relative to ``dense`` counts) at pruning step
     ``step``, no group below 1 - r_max of its dense width (``widths``; default: the current
-    ones); ``dense_mrs``: an MRS result of this very model to use instead of measuring it;
+    ones); ``splits``: the run's data (calibration images; training images for hydra/harp);
+    ``dense_mrs``: an MRS result of this very model to use instead of measuring it;
     ``table``: the latency table, for ``prune.metric`` latency; ``meter``: with it, the budget
     is met on the measured time (``latency.calibrate``); ``tune``: joint_search's short
-    fine-tune of each candidate (``candidate_tuner``).
+    fine-tune of each candidate (``candidate_tuner``); ``teacher``, ``run_dir``: for score
+    learning (the distillation teacher; where its resume state goes).
     Return the step record and the pruning history of this step."""
     pp = params.prune
     arch_size, classes = arch["input_size"], arch["num_classes"]
@@ -73,44 +156,22 @@ def prune_step(model, arch, params: Params, calibration, runtime, budget, dense,
     dense_channels = [widths.get(g.root, g.channels) for g in found]
     record: dict = {"budget": budget, "groups": [g.describe() for g in found]}
     started = time.perf_counter()
-    if pp.method in ALLOCATION_METHODS:
-        curves, search = None, False
-        if pp.method == "uniform_l1":
-            mrs, alpha, cost_aware = [1.0] * len(found), 0.0, False
+    if pp.method in ALLOCATION_METHODS or pp.method in LEARNED_METHODS:
+        scores = None
+        if pp.method in LEARNED_METHODS:
+            solve_for, scores = learned_solver(model, found, arch, params, splits, runtime, budget, dense,
+                                               dense_channels, record, log, step=step, run_dir=Path(run_dir),
+                                               teacher=teacher, table=table, tune=tune)
         else:
-            settings = mrs_settings(params, "clean" if pp.method == "mrpf_clean" else None)
-            if dense_mrs is not None:
-                result = dense_mrs
-                log("step 1: MRS of the dense model from the mrs stage")
-            else:
-                result = compute_mrs(model, found, calibration, probe_adversary(params), runtime, settings,
-                                     params.mrs.batch_size, log)
-            record["mrs"] = result
-            mrs = [row["mrs"] for row in result["groups"]]
-            alpha, cost_aware, search = pp.alpha, pp.cost_aware, pp.allocation == "joint_search"
-            if pp.allocation == "loss_curve":
-                record["curves"] = result["curves"] if dense_mrs is not None else compute_curves(
-                    model, found, calibration, probe_adversary(params), runtime, settings, params.mrs.curve_ratios,
-                    params.mrs.batch_size, log, measured=result)
-                curves = loss_curves(record["curves"])
-
-        def solve_at(target: float, strength: float = 1.0) -> dict:
-            return allocation.solve(model, found, mrs, input_size=arch_size, num_classes=classes, budget=target,
-                                    metric=pp.metric, alpha=alpha, r_max=pp.r_max, cost_aware=cost_aware,
-                                    dense=dense, round_to=pp.round_to, dense_channels=dense_channels,
-                                    curves=curves, table=table, strength=strength)
+            solve_for = allocation_solver(pp.method, model, found, arch, params, splits.calibration, runtime, dense,
+                                          dense_channels, record, log, dense_mrs=dense_mrs, table=table, tune=tune)
 
         def plan(target: float):
-            if search:
-                solved, record["search"] = selection.select_strength(
-                    lambda strength: solve_at(target, strength), model, calibration, probe_adversary(params),
-                    runtime, params.mrs.batch_size, arch_size, classes, pp.round_to, log, tune)
-            else:
-                solved = solve_at(target)
+            solved = solve_for(target)
             return solved["ratios"], lambda m: allocation.apply_ratios(m, arch_size, classes, solved["ratios"],
-                                                                       pp.round_to, solved["caps"])
+                                                                       pp.round_to, solved["caps"], scores)
     else:
-        scores = scoring.scores_for(pp.method, model, found, calibration, params, runtime, step)
+        scores = scoring.scores_for(pp.method, model, found, splits.calibration, params, runtime, step)
         caps = [allocation.removal_cap(g.channels, d, pp.r_max) for g, d in zip(found, dense_channels)]
 
         def plan(target: float):
@@ -124,7 +185,7 @@ def prune_step(model, arch, params: Params, calibration, runtime, budget, dense,
         record["ratios"], apply, record["latency_calibration"] = latency.calibrate(
             plan, budget, model, arch_size, dense["latency"], table, meter, log)
     history = apply(model)
-    record["scoring_seconds"] = time.perf_counter() - started  # MRS / scores + budget solve
+    record["scoring_seconds"] = time.perf_counter() - started  # MRS / scores (learned ones too) + budget solve
     counts = budget_counts(model, arch_size, table)
     record.update(counts=counts, achieved=1 - counts[pp.metric] / dense[pp.metric])
     return record, history
@@ -205,10 +266,10 @@ def run_prune(params: Params, checkpoint: str | Path, run_dir: str | Path, log=p
     for t in range(len(steps) + 1, pp.steps + 1):
         budget = pp.sparsity * t / pp.steps
         log(f"step {t}/{pp.steps}: {pp.method} to {budget:.1%} {pp.metric} reduction")
-        record, history = prune_step(model, arch, params, splits.calibration, runtime, budget, dense, log, step=t,
+        record, history = prune_step(model, arch, params, splits, runtime, budget, dense, log, step=t,
                                      widths=widths, dense_mrs=dense_mrs if t == 1 else None, table=table,
                                      meter=meter, tune=candidate_tuner(params, splits.train, splits.spec, runtime,
-                                                                        teacher, t))
+                                                                        teacher, t), teacher=teacher, run_dir=run_dir)
         arch["pruning_history"] = arch["pruning_history"] + history
         epochs = pp.finetune_epochs + (pp.final_epochs if t == pp.steps else 0)
         record["finetune"] = train(finetune_params(params, epochs), run_dir / f"step{t}", log, model=model, arch=arch,

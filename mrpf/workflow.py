@@ -94,6 +94,9 @@ PRUNE_PARAMS = {  # per method: only what it reads, so a change reruns only the 
     "mrpf_clean": ["mrs", "prune.allocation", "prune.alpha", "prune.cost_aware", "prune.search_finetune_batches"],
     "taylor_adv": ["mrs.steps", "mrs.batch_size"],
     "uniform_l1": [], "global_magnitude": [], "random": [],
+    "hydra": ["prune.score_epochs", "prune.score_ratios", "prune.score_lr", "mrs", "prune.allocation", "prune.alpha",
+              "prune.cost_aware", "prune.search_finetune_batches"],
+    "harp": ["prune.score_epochs", "prune.score_lr"],
 }
 
 

@@ -113,6 +113,10 @@ CASES = [
      "attack.eps: 8 is outside the pixel range [0, 1]; did you mean 8/255?"),
     ("L2 radius beyond the image", TRAIN + ["attack.norm=l2", "attack.eps=64"],
      "attack.eps: 64 is beyond the L2 diagonal of a 32x32 image in [0, 1] (55.4)"),
+    ("no score-learning epochs", ["prune", "--run", "x", "--checkpoint", "{ckpt}", "--method", "hydra",
+                                  "prune.score_epochs=0"], "prune.score_epochs: expected a positive integer, got 0"),
+    ("unknown score ratios", ["prune", "--run", "x", "--checkpoint", "{ckpt}", "--method", "hydra",
+                              "prune.score_ratios=taylor"], "prune.score_ratios: unknown value 'taylor'"),
     ("unreachable budget", ["prune", "--run", "x", "--checkpoint", "{ckpt}", "--sparsity", "0.95", "prune.r_max=0.2"],
      "out of reach: pruning every group to r_max=0.2"),
 ]

@@ -31,6 +31,9 @@ def test_fraction_parsing():
     ("train=3", "parameter 'train' must be a mapping"),
     ("noequals", "must look like section.key=value"),
     ("prune.search_finetune_batches=-1", "prune.search_finetune_batches: expected a non-negative integer"),
+    ("prune.score_epochs=0", "prune.score_epochs: expected a positive integer"),
+    ("prune.score_ratios=magnitude", "prune.score_ratios: unknown value 'magnitude'"),
+    ("prune.score_lr=0", "prune.score_lr: must be > 0"),
     ("prune.allocation=inverse_mrs prune.search_finetune_batches=4",
      "prune.search_finetune_batches: fine-tunes joint_search's candidates, so it needs prune.allocation: joint_search"),
 ])
