@@ -253,8 +253,8 @@ def learn(model: nn.Module, found: list[groups_mod.Group], keep: list[int], caps
                 row["kept_cost"] = float(kept_cost(costs, masked.kappa().detach()))
             history.append(row)
             extra = {} if rate_optimizer is None else {"rate_optimizer": rate_optimizer.state_dict()}
-            save_checkpoint(state_path, {"name": "scores"}, masked.state_dict(), optimizer=optimizer.state_dict(), **extra,
-                            scheduler=scheduler.state_dict(), epoch=epoch, history=history, resume_key=key)
+            save_checkpoint(state_path, {"name": "scores"}, masked.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), epoch=epoch, history=history, resume_key=key, **extra)
             log(f"score epoch {epoch + 1}/{pp.score_epochs}  loss {row['loss']:.4f}  kept {sum(kept)}/"
                 f"{sum(masked.channels)} channels" + (f"  kept cost {row['kept_cost']:.1%} (target "
                                                       f"{keep_target:.1%})" if rates else ""))
