@@ -81,6 +81,9 @@ def read_npz(path: Path) -> ImageSet:
             x, y = f["x"], f["y"]
             classes = [str(c) for c in f["classes"]] if "classes" in f else None
     except (OSError, ValueError, zipfile.BadZipFile) as e:
+        if "CRC" in str(e):   # zipfile checks each member's CRC as it reads it
+            raise MrpfError(f"{path}: damaged ({e}); restore it with dvc checkout {path} (or dvc pull), "
+                            f"or delete it and rerun mrpf data") from None
         raise MrpfError(f"{path}: not a readable .npz file ({e})") from None
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
         raise MrpfError(f"{path}: 'x' must be uint8 of shape (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")

@@ -4,11 +4,17 @@ Every output is written to a temporary name in the same directory and renamed in
 place, so a killed job never leaves a file that looks finished. Checkpoints hold only
 tensors and plain Python values and are read with ``torch.load(weights_only=True)``:
 no pickled code from a file is ever executed.
+
+Faults (docs/reliability.md): a full disk while writing is one line naming the file, the
+previous complete file kept and no temporary left; a checkpoint damaged on disk (a flipped
+byte fails its zip CRC) is refused with the way to restore it, never loaded silently.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import os
 import pickle
@@ -64,18 +70,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = None
     try:
-        yield tmp
-        with open(tmp, "rb") as f:  # the bytes reach the disk before the name does
-            os.fsync(f.fileno())
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+            yield tmp
+            with open(tmp, "rb") as f:  # the bytes reach the disk before the name does
+                os.fsync(f.fileno())
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise MrpfError(f"no space left on the device writing {path}") from None
+            raise
         crash_point(path.name)
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -98,8 +111,12 @@ def save_checkpoint(path: str | os.PathLike, arch: dict, state_dict: dict, **ext
     """Save weights plus the architecture description that rebuilds the model, atomically."""
     payload = {"format": CHECKPOINT_FORMAT, "arch": arch,
                "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, **extra}
+    # serialised in memory first: torch's file writer reports a full disk as "unexpected pos",
+    # a plain write as ENOSPC (and the archive's inner name no longer depends on the temp name)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -107,6 +124,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise MrpfError(f"checkpoint {path}: no such file")
+    try:   # torch.load checks no CRC: a flipped byte in a tensor would load as a wrong weight
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError):
+        damaged = None    # not a zip archive, or truncated: torch.load below says which
+    if damaged is not None:
+        raise MrpfError(f"checkpoint {path}: damaged ({damaged.split('/', 1)[-1]} fails its CRC check); restore it "
+                        f"with dvc checkout {path} (or dvc pull), or delete it and rerun the stage that wrote it")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

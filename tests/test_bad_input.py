@@ -22,6 +22,9 @@ def setup_files(folder: Path, tiny_data: dict, trained_checkpoint: Path) -> None
     (folder / "grids.yaml").write_text("grid: quick\ngrids:\n  quick: {datasets: [cifar10]}\n")
     data = trained_checkpoint.read_bytes()
     (folder / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (folder / "damaged.pt").write_bytes(flip_a_byte(trained_checkpoint))
+    write_npz(folder / "intact.npz", 40)
+    (folder / "damaged.npz").write_bytes(flip_a_byte(folder / "intact.npz"))
     from mrpf.io import load_checkpoint, save_checkpoint
     from mrpf.models import build_model
 
@@ -38,6 +41,20 @@ def setup_files(folder: Path, tiny_data: dict, trained_checkpoint: Path) -> None
     write_shard(folder / "nolabel.tar.gz", pixels, labels, {"odd000.png": _png()})
     write_shard(folder / "badlabel.tar.gz", pixels, labels, {"odd000.png": _png(), "odd000.cls": b"12"})
     write_shard(folder / "notimage.tar.gz", pixels, labels, {"odd000.jpg": b"not a jpeg", "odd000.cls": b"1"})
+
+
+def flip_a_byte(path: Path) -> bytes:
+    """``path``'s bytes with one byte flipped in the middle of its largest zip member (a
+    checkpoint's largest tensor, an .npz's image array): what a bad disk sector does."""
+    import struct
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.compress_size)
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26:member.header_offset + 30])
+    data[member.header_offset + 30 + name_length + extra_length + member.compress_size // 2] ^= 0xFF
+    return bytes(data)
 
 
 def _png() -> bytes:
@@ -117,6 +134,10 @@ CASES = [
                                   "prune.score_epochs=0"], "prune.score_epochs: expected a positive integer, got 0"),
     ("unknown score ratios", ["prune", "--run", "x", "--checkpoint", "{ckpt}", "--method", "hydra",
                               "prune.score_ratios=taylor"], "prune.score_ratios: unknown value 'taylor'"),
+    ("damaged checkpoint", ["evaluate", "--run", "x", "--checkpoint", "damaged.pt"],
+     "checkpoint damaged.pt: damaged ("),
+    ("damaged data file", TRAIN + ["data.train_path=damaged.npz"],
+     "damaged.npz: damaged (Bad CRC-32 for file 'x.npy'); restore it with dvc checkout damaged.npz"),
     ("unreachable budget", ["prune", "--run", "x", "--checkpoint", "{ckpt}", "--sparsity", "0.95", "prune.r_max=0.2"],
      "out of reach: pruning every group to r_max=0.2"),
 ]

@@ -209,3 +209,26 @@ def test_a_grid_starts_from_an_imported_model_instead_of_training(tmp_path):
     assert (runs / "uniform_l1-0.5/eval.json").is_file() and "wrnimp" in (folder / "reports/summary.md").read_text()
     run(["dvc", "commit", "-f"], folder)
     assert "up to date" in run(["dvc", "status"], folder).stdout
+
+
+def test_a_damaged_cached_checkpoint_is_named_and_dvc_checkout_restores_it(pipeline, tmp_path):
+    """One flipped byte in a DVC-tracked checkpoint of the tiny grid: `mrpf evaluate` refuses it
+    in one line naming the file; `dvc checkout --force` (docs/reliability.md) restores it byte for byte."""
+    from .test_bad_input import flip_a_byte
+
+    folder = tmp_path / "clone"
+    shutil.copytree(pipeline, folder, symlinks=True)
+    path = f"{RUN}/dense/checkpoint.pt"
+    before = digest(folder, [path])
+    damaged = flip_a_byte(folder / path)
+    (folder / path).unlink()          # a copy, not the cache's file (DVC may have linked it)
+    (folder / path).write_bytes(damaged)
+    failed = run(["mrpf", "evaluate", "--params", "params.yaml", "--run", "x", "--checkpoint", path], folder,
+                 check=False)
+    assert failed.returncode == 2
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"checkpoint {path}: damaged" in lines[0], failed.stderr
+    assert "modified" in run(["dvc", "status"], folder).stdout
+    run(["dvc", "checkout", "--force", path], folder)
+    assert digest(folder, [path]) == before
+    assert "up to date" in run(["dvc", "status"], folder).stdout
