@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, stopping
 from .config import PRUNE_METHODS, Params, as_float
 from .errors import MrpfError
 
@@ -256,11 +256,15 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    stopping.install()
     try:
         code = run(argv)
     except MrpfError as e:
         print(f"mrpf: error: {e}", file=sys.stderr)
         code = 2
+    except stopping.Stopped as e:
+        print(f"mrpf: {e}", file=sys.stderr)
+        code = stopping.STOPPED_STATUS
     except KeyboardInterrupt:
         print("mrpf: interrupted", file=sys.stderr)
         code = 130

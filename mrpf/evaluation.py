@@ -19,7 +19,7 @@ from . import devices
 from .attacks import autoattack, fgsm
 from .config import Params
 from .errors import MrpfError
-from .io import atomic_path, write_json
+from .io import atomic_path, crash_point, write_json
 from .models import count_ops, count_parameters, load_model
 from .objectives import evaluation_adversary
 from .timing import latency_ms
@@ -30,6 +30,7 @@ def correct_under(model: torch.nn.Module, images: data_mod.ImageSet, attack, run
     """Per image: does the model classify the attacked image right? ``attack(x, y) -> x_adv`` or None."""
     out = []
     for x, y in data_mod.Batches(images, batch_size, runtime.device, channels_last=runtime.channels_last):
+        crash_point("batch")
         if attack is not None:
             x = attack(x, y)
         with torch.no_grad():

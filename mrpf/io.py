@@ -41,20 +41,23 @@ _crash_counts: dict[str, int] = {}
 
 
 def crash_point(name: str) -> None:
-    """Fault injection for the kill-safety tests (tests/test_kill.py): with
-    ``MRPF_CRASH_AT=NAME:N`` the process SIGKILLs itself the N-th time it reaches ``NAME``
-    (a file about to be renamed into place, or ``batch``). Does nothing otherwise."""
-    spec = os.environ.get("MRPF_CRASH_AT")
-    if not spec:
-        return
-    target, _, nth = spec.rpartition(":")
-    if target != name:
-        return
-    _crash_counts[name] = _crash_counts.get(name, 0) + 1
-    if _crash_counts[name] == int(nth):
-        import signal
+    """Fault injection for the kill-safety tests (tests/test_kill.py, tests/test_faults.py): with
+    ``MRPF_CRASH_AT=NAME:N`` the process SIGKILLs itself the N-th time it reaches ``NAME`` (a
+    file about to be renamed into place, or ``batch``); ``MRPF_SIGTERM_AT=NAME:N`` sends it
+    SIGTERM instead, as a scheduler does. Does nothing otherwise."""
+    import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+    for variable, sig in (("MRPF_CRASH_AT", signal.SIGKILL), ("MRPF_SIGTERM_AT", signal.SIGTERM)):
+        spec = os.environ.get(variable)
+        if not spec:
+            continue
+        target, _, nth = spec.rpartition(":")
+        if target != name:
+            continue
+        key = f"{variable}:{name}"
+        _crash_counts[key] = _crash_counts.get(key, 0) + 1
+        if _crash_counts[key] == int(nth):
+            os.kill(os.getpid(), sig)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:

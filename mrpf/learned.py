@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import allocation
+from . import allocation, stopping
 from . import data as data_mod
 from . import groups as groups_mod
 from .config import Params
@@ -221,7 +221,7 @@ def learn(model: nn.Module, found: list[groups_mod.Group], keep: list[int], caps
             scheduler.load_state_dict(state["scheduler"])
             start, history = state["epoch"] + 1, state["history"]
             log(f"score learning: resuming after epoch {start}/{pp.score_epochs}")
-    with seeded_scope(runtime.device):
+    with seeded_scope(runtime.device), stopping.deferred():
         for epoch in range(start, pp.score_epochs):
             torch.manual_seed(params.seed * 100_003 + step * 1_009 + epoch)      # attack starts
             batches.seed = params.seed * 1_000_003 + step * 10_007 + epoch       # shuffling, augmentation
@@ -246,6 +246,9 @@ def learn(model: nn.Module, found: list[groups_mod.Group], keep: list[int], caps
                 scheduler.step()
                 loss_sum += float(loss.detach()) * len(y)
                 seen += len(y)
+                if stopping.requested():    # resumable after the last complete score epoch
+                    raise stopping.Stopped(f"stopped by SIGTERM in score learning (step {step}, epoch {epoch + 1}/"
+                                           f"{pp.score_epochs}); the same command resumes after score epoch {epoch}")
             kept = masked.kept_channels()
             row = {"epoch": epoch, "loss": loss_sum / seen, "seconds": time.perf_counter() - started,
                    "kept": kept}

@@ -27,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-from . import allocation, devices, latency, learned, scoring, selection
+from . import allocation, devices, latency, learned, scoring, selection, stopping
 from . import data as data_mod
 from . import groups as groups_mod
 from .config import ALLOCATION_METHODS, LEARNED_METHODS, Params
@@ -278,6 +278,8 @@ def run_prune(params: Params, checkpoint: str | Path, run_dir: str | Path, log=p
         write_json(run_dir / f"step{t}" / STEP_FILE, {"resume_key": _resume_key(params), "record": record})
         steps.append(record)
         log(f"step {t}: achieved {record['achieved']:.1%}, val PGD {record['finetune'].get('val_pgd_acc')}")
+        if stopping.requested():   # SIGTERM during the step's last batches or its validation
+            raise stopping.Stopped(f"stopped by SIGTERM after step {t}/{pp.steps}; the same command resumes there")
     summary = {"method": pp.method, "sparsity": pp.sparsity, "metric": pp.metric, "dense": dense,
                "counts": steps[-1]["counts"], "achieved": steps[-1]["achieved"],
                "widths": final_widths(model, arch, widths), "steps": steps}

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from . import devices
+from . import devices, stopping
 from .config import Params, TrainParams
 from .errors import MrpfError
 from .gradient_step import GradientStep
@@ -155,6 +155,19 @@ def write_history(path: Path, history: list[dict]) -> None:
         tmp.write_text("\n".join(rows) + "\n")
 
 
+def _save_stop(resume_path: Path, arch: dict, model, optimizer, ema, scheduler, epoch: int, batch: int,
+               history: list, params: Params, loss_sum, correct, seen: int, seconds: float, runtime) -> None:
+    """The resume point at a batch boundary inside ``epoch`` (SIGTERM): what the epoch's end
+    saves, plus the batches done, their running sums and the attack RNG's state."""
+    extra = {"cuda_rng": torch.cuda.get_rng_state(runtime.device)} if runtime.device.type == "cuda" else {}
+    save_checkpoint(resume_path, arch, model.state_dict(), optimizer=optimizer.state_dict(),
+                    **({} if ema is None else {"ema": ema.state_dict()}), scheduler=scheduler.state_dict(),
+                    epoch=epoch - 1, history=history, resume_key=_resume_key(params, arch),
+                    in_progress={"batch": batch + 1, "seen": seen, "seconds": seconds},
+                    loss_sum=loss_sum.detach().cpu(), correct=correct.detach().cpu(), rng=torch.get_rng_state(),
+                    **extra)
+
+
 def train(params: Params, run_dir: str | Path, log=print, *, model: torch.nn.Module | None = None,
           arch: dict | None = None, teacher: torch.nn.Module | None = None) -> dict:
     """Train a model as ``params`` say; write ``checkpoint.pt`` and ``train_metrics.json`` to ``run_dir``.
@@ -184,7 +197,7 @@ def train(params: Params, run_dir: str | Path, log=print, *, model: torch.nn.Mod
     ema = make_ema(model, tp.ema_decay)
     eval_model = model if ema is None else ema.module   # validated and saved
 
-    start_epoch, history = 0, []
+    start_epoch, history, in_progress = 0, [], None
     remove_stale_temporaries(run_dir)
     resume_path = run_dir / RESUME_FILE
     if resume_path.is_file():
@@ -198,7 +211,11 @@ def train(params: Params, run_dir: str | Path, log=print, *, model: torch.nn.Mod
             ema.load_state_dict(state["ema"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
-        log(f"resuming {run_dir.name} after epoch {start_epoch}/{tp.epochs}")
+        in_progress = state.get("in_progress")    # stopped by SIGTERM inside epoch start_epoch + 1
+        if in_progress is None:
+            log(f"resuming {run_dir.name} after epoch {start_epoch}/{tp.epochs}")
+        else:
+            log(f"resuming {run_dir.name} in epoch {start_epoch + 1}/{tp.epochs} after batch {in_progress['batch']}")
 
     run_dir.mkdir(parents=True, exist_ok=True)
     train_images = data_mod.Batches(splits.train, tp.batch_size, runtime.device, shuffle=True,
@@ -206,50 +223,67 @@ def train(params: Params, run_dir: str | Path, log=print, *, model: torch.nn.Mod
                                     channels_last=runtime.channels_last)
     # objective and backward of each batch; on CUDA replayed from a CUDA graph (device.cuda_graphs)
     gradients = GradientStep(model, objective, adversary, tp.beta, runtime, log)
-    for epoch in range(start_epoch, tp.epochs):
-        torch.manual_seed(params.seed * 100_003 + epoch)      # attack random starts of this epoch
-        train_images.seed = params.seed * 1_000_003 + epoch     # shuffling and augmentation of this epoch
-        model.train()
-        started = time.perf_counter()
-        loss_sum = torch.zeros((), device=runtime.device)
-        correct = torch.zeros((), device=runtime.device, dtype=torch.long)
-        seen = 0
-        progress = _Progress(len(train_images), f"epoch {epoch + 1}/{tp.epochs}")
-        for batch, (x, y) in enumerate(train_images):
-            crash_point("batch")
-            loss, logits = gradients(x, y)
-            if not torch.isfinite(loss):
-                progress.close()
-                raise MrpfError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, batch {batch + 1} "
-                                f"(lower train.lr?); no checkpoint of this epoch was written")
-            optimizer.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            lr = optimizer.param_groups[0]["lr"]   # the rate this batch used
-            scheduler.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
-            if progress.bar is not None:  # .item() syncs a GPU: only when a bar is drawn
-                progress.update(loss.item(), int(correct) / seen)
-        progress.close()
-        seconds = time.perf_counter() - started
-        row = {"epoch": epoch, "train_loss": float(loss_sum) / seen,
-               ("train_clean_acc" if tp.method == "clean" else "train_robust_acc"): int(correct) / seen,
-               "lr": lr, "images_per_s": seen / seconds, "epoch_seconds": seconds,
-               "val_clean_acc": evaluate_split(eval_model, splits.val, runtime, None),
-               "val_pgd_acc": evaluate_split(eval_model, splits.val, runtime, val_adversary)
-               if tp.val_pgd_steps else None}
-        history.append(row)
-        save_checkpoint(resume_path, arch, model.state_dict(), optimizer=optimizer.state_dict(),
-                        **({} if ema is None else {"ema": ema.state_dict()}),
-                        scheduler=scheduler.state_dict(), epoch=epoch, history=history,
-                        resume_key=_resume_key(params, arch))
-        write_history(run_dir / HISTORY_FILE, history)
-        val_pgd = "-" if row["val_pgd_acc"] is None else f"{row['val_pgd_acc']:.3f}"
-        log(f"epoch {epoch + 1}/{tp.epochs}  loss {row['train_loss']:.4f}  "
-            f"train_acc {int(correct) / seen:.3f}  val_clean {row['val_clean_acc']:.3f}  val_pgd {val_pgd}  "
-            f"{row['images_per_s']:.0f} img/s  {seconds:.1f}s")
+    with stopping.deferred():   # SIGTERM: stop at the next batch boundary, resumable there
+        for epoch in range(start_epoch, tp.epochs):
+            torch.manual_seed(params.seed * 100_003 + epoch)      # attack random starts of this epoch
+            train_images.seed = params.seed * 1_000_003 + epoch     # shuffling and augmentation of this epoch
+            model.train()
+            started = time.perf_counter()
+            loss_sum = torch.zeros((), device=runtime.device)
+            correct = torch.zeros((), device=runtime.device, dtype=torch.long)
+            seen, skip, earlier = 0, 0, 0.0
+            if in_progress is not None:   # the batches before the stop are done: their sums, the attack RNG after them
+                skip, seen, earlier = in_progress["batch"], in_progress["seen"], in_progress["seconds"]
+                loss_sum += state["loss_sum"].to(runtime.device)
+                correct += state["correct"].to(runtime.device)
+                torch.set_rng_state(state["rng"])
+                if "cuda_rng" in state:
+                    torch.cuda.set_rng_state(state["cuda_rng"], runtime.device)
+                in_progress = None
+            progress = _Progress(len(train_images), f"epoch {epoch + 1}/{tp.epochs}")
+            for batch, (x, y) in enumerate(train_images):
+                if batch < skip:      # the iterator still draws their shuffling and augmentation
+                    continue
+                crash_point("batch")
+                loss, logits = gradients(x, y)
+                if not torch.isfinite(loss):
+                    progress.close()
+                    raise MrpfError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, batch {batch + 1} "
+                                    f"(lower train.lr?); no checkpoint of this epoch was written")
+                optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                lr = optimizer.param_groups[0]["lr"]   # the rate this batch used
+                scheduler.step()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+                if progress.bar is not None:  # .item() syncs a GPU: only when a bar is drawn
+                    progress.update(loss.item(), int(correct) / seen)
+                if stopping.requested():
+                    progress.close()
+                    _save_stop(resume_path, arch, model, optimizer, ema, scheduler, epoch, batch, history, params,
+                               loss_sum, correct, seen, earlier + time.perf_counter() - started, runtime)
+                    raise stopping.Stopped(f"stopped by SIGTERM in epoch {epoch + 1}/{tp.epochs} after batch "
+                                           f"{batch + 1}; the same command resumes there ({resume_path})")
+            progress.close()
+            seconds = earlier + time.perf_counter() - started
+            row = {"epoch": epoch, "train_loss": float(loss_sum) / seen,
+                   ("train_clean_acc" if tp.method == "clean" else "train_robust_acc"): int(correct) / seen,
+                   "lr": lr, "images_per_s": seen / seconds, "epoch_seconds": seconds,
+                   "val_clean_acc": evaluate_split(eval_model, splits.val, runtime, None),
+                   "val_pgd_acc": evaluate_split(eval_model, splits.val, runtime, val_adversary)
+                   if tp.val_pgd_steps else None}
+            history.append(row)
+            save_checkpoint(resume_path, arch, model.state_dict(), optimizer=optimizer.state_dict(),
+                            **({} if ema is None else {"ema": ema.state_dict()}),
+                            scheduler=scheduler.state_dict(), epoch=epoch, history=history,
+                            resume_key=_resume_key(params, arch))
+            write_history(run_dir / HISTORY_FILE, history)
+            val_pgd = "-" if row["val_pgd_acc"] is None else f"{row['val_pgd_acc']:.3f}"
+            log(f"epoch {epoch + 1}/{tp.epochs}  loss {row['train_loss']:.4f}  "
+                f"train_acc {int(correct) / seen:.3f}  val_clean {row['val_clean_acc']:.3f}  val_pgd {val_pgd}  "
+                f"{row['images_per_s']:.0f} img/s  {seconds:.1f}s")
 
     write_history(run_dir / HISTORY_FILE, history)    # again: a kill may have come between last.pt and it
     summary = {"epochs": tp.epochs, "method": tp.method, "arch": arch["name"],
