@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from .pipeline_project import TINY_GRID, make_project, run
+from .pipeline_project import TINY_GRID, env, make_project, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -59,3 +59,38 @@ def test_a_failing_job_fails_snakemake_with_its_slurm_state(tmp_path):
     assert result.returncode != 0
     assert "SLURM status is: 'FAILED'" in log, log[-3000:]
     assert "dataset 'svhn' not found" in (folder / "logs/data/svhn.log").read_text()
+
+
+def test_a_requeued_training_job_resumes_and_the_grid_ends_as_an_uninterrupted_run(tmp_path):
+    """`scontrol requeue` of the running dense training (what pre-emption does): SLURM stops the
+    job and runs it again; the rerun resumes from the last resume point and the grid's outputs
+    equal those of an uninterrupted local run."""
+    import json
+    import time
+
+    from .test_kill import same_weights, without_timing
+
+    grid = copy.deepcopy(TINY_GRID)
+    grid["params"]["train"] = dict(grid["params"]["train"], epochs=6)
+    target = "results/cifar10/vgg11_w8/pgd_at/dense/eval.json"
+    reference = make_project(tmp_path / "ref", grid=grid, git=False)
+    run(["snakemake", "--cores", "1", target], reference)
+    folder = make_project(tmp_path / "proj", grid=grid, git=False)
+    snakemake = subprocess.Popen(SLURM + [target], cwd=folder, env=env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    dense = folder / "results/cifar10/vgg11_w8/pgd_at/dense"
+    deadline = time.time() + 600
+    while not (dense / "last.pt").is_file():          # the training job is past its first epoch
+        assert snakemake.poll() is None and time.time() < deadline, "training never reached its first epoch"
+        time.sleep(0.2)
+    jobs = subprocess.run(["squeue", "-h", "-o", "%i %k"], capture_output=True, text=True).stdout.splitlines()
+    train_job = next(line.split()[0] for line in jobs if "rule_train" in line)
+    subprocess.run(["scontrol", "requeue", train_job], check=True)
+    out, _ = snakemake.communicate(timeout=900)
+    assert snakemake.returncode == 0, out[-3000:]
+    log = (folder / "logs/train/cifar10/vgg11_w8/pgd_at.log").read_text()
+    assert "resuming dense" in log, log[-2000:]
+    for name in ("train_metrics.json", "eval.json"):
+        assert without_timing(json.loads((dense / name).read_text())) == without_timing(json.loads(
+            (reference / "results/cifar10/vgg11_w8/pgd_at/dense" / name).read_text())), name
+    assert same_weights(dense / "checkpoint.pt", reference / "results/cifar10/vgg11_w8/pgd_at/dense/checkpoint.pt")
