@@ -12,9 +12,9 @@ Steps, each a `mrpf` verb with configs/gpu-evidence.yaml, timed against ``--budg
    uniform_l1 (TRADES fine-tuning, channels a multiple of 8), then clean and PGD-20 on the
    5,000 test images.
 4. AutoAttack (standard) on as many of the first 1,000 test images as the time left allows,
-   for the dense model and the pruned ones; then mrpf and uniform_l1 at 70 % if time is
-   still left.
-5. The paired 95 % intervals (each mrpf variant minus uniform_l1, same images) are printed and written to
+   for the dense model and the pruned ones; then, while time is left, HYDRA and HARP at 90 %
+   (clean and PGD-20) and mrpf and uniform_l1 at 70 %.
+5. The paired 95 % intervals (each method minus uniform_l1, same images) are printed and written to
    ``bench/results/gpu-evidence-TAG.json`` (and ``$OUT``).
 
     python -m bench.gpu_evidence [--budget-s 480] [--data DIR]
@@ -50,6 +50,10 @@ VARIANTS = {"mrpf": ("mrpf", ["prune.allocation=inverse_mrs"]),           # the 
             "mrpf_joint": ("mrpf", ["prune.allocation=joint_search"]),     # the default
             "uniform_l1": ("uniform_l1", [])}
 BASELINE = "uniform_l1"
+# the learned methods (docs/method.md, "Learned methods"), at 90 % when time is left after AutoAttack:
+# one score-learning epoch per pruning step, each about 1.5 dense epochs (docs/performance.md)
+LEARNED = {"hydra": ("hydra", ["prune.score_epochs=1"]), "harp": ("harp", ["prune.score_epochs=1"])}
+LEARNED_EPOCHS = PRUNE_EPOCHS + 3 * 1.5
 SMOKE = ["device.name=cpu", "model.arch=vgg11_w8", "train.batch_size=64", "data.val_size=100",
          "data.calibration_size=64", "mrs.batch_size=64", "mrs.steps=1", "evaluate.n_images=200",
          "evaluate.batch_size=200", "prune.steps=1", "prune.finetune_epochs=1", "prune.final_epochs=0",
@@ -131,7 +135,7 @@ def main() -> int:
 
     def prune(sparsity: str, variants: list[str]) -> None:
         for variant in variants:
-            method, overrides = VARIANTS[variant]
+            method, overrides = {**VARIANTS, **LEARNED}[variant]
             name = f"{variant}-{sparsity}"
             mrs = ["--mrs", str(work / "mrs/mrs.json")] if method == "mrpf" else []
             mrpf(["prune", "--run", name, "--checkpoint", dense, "--method", method, "--sparsity", sparsity, *mrs,
@@ -157,7 +161,14 @@ def main() -> int:
         say(f"AutoAttack on {aa_images} images")
     else:
         say(f"AutoAttack skipped: {per_image:.2f} s per image leaves room for {fit} images")
-    if clock.left() > (2 * PRUNE_EPOCHS + 2 * EVAL_EPOCHS) * epoch_s * 1.2:
+    if clock.left() > (len(LEARNED) * (LEARNED_EPOCHS + EVAL_EPOCHS)) * epoch_s * 1.2:
+        prune("0.9", list(LEARNED))
+        for model in models[-len(LEARNED):]:
+            mrpf(["evaluate", "--run", model, *run, "evaluate.attacks=[clean,pgd]"], log)
+    else:
+        say("hydra and harp skipped: too little time left")
+    # the smoke run stops before 70 %: the same prune and evaluate calls as above
+    if not args.smoke and clock.left() > (2 * PRUNE_EPOCHS + 2 * EVAL_EPOCHS) * epoch_s * 1.2:
         prune("0.7", ["mrpf", BASELINE])
         for model in models[-2:]:
             mrpf(["evaluate", "--run", model, *run, "evaluate.attacks=[clean,pgd]"], log)

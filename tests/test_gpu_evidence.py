@@ -30,6 +30,7 @@ def test_gpu_evidence_script_runs_every_step_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "w/gpu-evidence-cpu-smoke.json").read_text())
     assert result["train_images"] == 600 and result["dense_epochs"] >= 1
-    assert {"dense", "mrpf-0.9", "mrpf_joint-0.9", "uniform_l1-0.9"} <= set(result["models"])
-    assert {"0.9 pgd", "mrpf_joint 0.9 pgd"} <= set(result["differences"])
-    assert "mrpf - uniform_l1" in done.stdout and "mrpf_joint - uniform_l1" in done.stdout
+    assert {"dense", "mrpf-0.9", "mrpf_joint-0.9", "uniform_l1-0.9", "hydra-0.9", "harp-0.9"} <= set(result["models"])
+    assert {"0.9 pgd", "mrpf_joint 0.9 pgd", "hydra 0.9 pgd", "harp 0.9 pgd"} <= set(result["differences"])
+    for method in ("mrpf", "mrpf_joint", "hydra", "harp"):
+        assert f"{method} - uniform_l1" in done.stdout, method
