@@ -120,6 +120,7 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
     _, grid = workflow.active_grid(config)
     runs = workflow.pruned_runs(grid)
     baseline_of = workflow.baseline_tags(grid)
+    control = workflow.control_tag(grid)
     rows = []
     for cell in workflow.cells(config):
         table = []
@@ -152,6 +153,7 @@ def collect(config: dict, results: str | Path, log=print) -> list[dict]:
         train_seconds = table[0].get("train_seconds")
         for row in table:
             row["baseline_tag"] = baseline_of.get(row["tag"])
+            row["control_tag"] = control if row["tag"] is None and row["method"] != "dense" else None
             if train_seconds and row.get("scoring_seconds") is not None:
                 row["scoring_share"] = row["scoring_seconds"] / train_seconds
             if row.get("finetune_seconds") and row.get("scoring_seconds") is not None:
@@ -187,6 +189,10 @@ def seed_groups(rows: list[dict]) -> list[dict]:
         base = {m["seed"]: m for m in groups.get((dataset, arch, tm, BASELINE, sparsity,
                                                    members[0]["baseline_tag"]), [])}
         main = {m["seed"]: m for m in groups.get((dataset, arch, tm, method, sparsity, None), [])} if tag else {}
+        control_of = members[0].get("control_tag")
+        control = {m["seed"]: m for m in groups.get((dataset, arch, tm, BASELINE, sparsity, control_of), [])
+                   } if control_of else {}
+        group["control_tag"] = control_of
         # the median: one job slowed by another on the same cores must not move a timing summary
         for cost in ("scoring_share", "scoring_per_finetune"):
             values = [m[cost] for m in members if m.get(cost) is not None]
@@ -195,7 +201,8 @@ def seed_groups(rows: list[dict]) -> list[dict]:
             values = [m[f"{attack}_acc"] for m in members if m.get(f"{attack}_acc") is not None]
             if values:
                 group[attack] = spread(values)
-            for key, others in (("delta", base if method != BASELINE else {}), ("delta_main", main)):
+            for key, others in (("delta", base if method != BASELINE else {}), ("delta_main", main),
+                                ("delta_control", control)):
                 paired = [(m["outcomes"][attack], others[m["seed"]]["outcomes"][attack]) for m in members
                           if attack in m["outcomes"] and attack in others.get(m["seed"], {}).get("outcomes", {})]
                 if paired:
@@ -303,14 +310,17 @@ def summary_markdown(rows: list[dict], grid_name: str) -> str:
         if any(len(g["seeds"]) > 1 for g in mine):
             out.write("\n### Over fine-tuning seeds\n\n")
             tagged = any(g["tag"] for g in mine)
+            control = next((g["control_tag"] for g in mine if g.get("control_tag")), None)
             headers = (["method", "sparsity", "block", "seeds"] + [f"{h} mean ± sd" for _, h in attacks]
                        + [f"Δ {h} vs {BASELINE} [95 % CI]" for _, h in attacks]
+                       + ([f"Δ {h} vs {BASELINE} {control}" for _, h in attacks] if control else [])
                        + ([f"Δ {h} vs the method's main runs" for _, h in attacks] if tagged else [])
                        + ["scoring / own fine-tuning time (median)", "scoring % of dense training (median)"])
             body = [[g["method"], f"{g['sparsity']:g}", _block(g), ",".join(str(s) for s in g["seeds"])]
                     + [_mean_sd(g.get(a)) for a, _ in attacks]
                     + ["(baseline)" if g["method"] == BASELINE else _with_seeds(g.get(f"delta_{a}"))
                        for a, _ in attacks]
+                    + ([_with_seeds(g.get(f"delta_control_{a}")) for a, _ in attacks] if control else [])
                     + ([_with_seeds(g.get(f"delta_main_{a}")) for a, _ in attacks] if tagged else [])
                     + [_ratio(g.get("scoring_per_finetune")), _pct(g.get("scoring_share"))]
                     for g in sorted(mine, key=lambda g: (g["tag"] or "", g["sparsity"], g["method"] != BASELINE,

@@ -209,6 +209,16 @@ def baseline_tags(grid: dict) -> dict:
     return out
 
 
+def control_tag(grid: dict) -> str | None:
+    """The tag of the uniform_l1 block every untagged run is also compared with (``control_tag``);
+    a tag no block of uniform_l1 runs carries is an error."""
+    tag = grid.get("control_tag")
+    if tag is not None and not any(b.get("tag") == tag and "uniform_l1" in b["prune_methods"]
+                                   for b in blocks(grid)[1:]):
+        raise MrpfError(f"control_tag: no extra_runs block with tag {tag!r} prunes uniform_l1")
+    return tag
+
+
 def imported(grid: dict) -> dict[str, dict]:
     """The grid's imported dense models by the arch name the grid lists them under."""
     return dict(grid.get("imported") or {})
@@ -292,6 +302,7 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA, source: str 
     for grid_name, grid in config["grids"].items():
         try:
             pruned_runs(grid)
+            control_tag(grid)
         except MrpfError as e:
             raise MrpfError(f"{source}: grids.{grid_name}.{e}") from None
         for name in imported(grid):

@@ -19,7 +19,10 @@ GRID = {"datasets": ["cifar10"], "archs": ["vgg11_w8"], "train_methods": ["pgd_a
                        {"prune_methods": ["mrpf"], "sparsities": [0.9], "seeds": [0, 1], "tag": "lc",
                         "params": {"prune": {"allocation": "loss_curve"}}},
                        {"prune_methods": ["mrpf", "uniform_l1"], "sparsities": [0.7], "seeds": [0], "tag": "lat",
-                        "params": {"prune": {"metric": "latency"}}}]}
+                        "params": {"prune": {"metric": "latency"}}},
+                       {"prune_methods": ["uniform_l1"], "sparsities": [0.9], "seeds": [0, 1, 2], "tag": "ft8",
+                        "params": {"prune": {"final_epochs": 7}}}],
+        "control_tag": "ft8"}
 IMAGES = 400
 
 
@@ -43,8 +46,9 @@ def report(tmp_path):
     base = results / "cifar10/vgg11_w8/pgd_at"
     outcomes = {"dense": write_run(base / "dense", rng, 0.4, None, 1000)}
     for run in workflow.pruned_runs(GRID):
-        epochs = 3 if run.tag else 5
-        outcomes[run.name] = write_run(base / run.name, rng, 0.33 if run.pm == "mrpf" else 0.30, epochs, 100)
+        epochs = 8 if run.tag == "ft8" else 3 if run.tag else 5
+        p_pgd = 0.33 if run.pm == "mrpf" else 0.32 if run.tag == "ft8" else 0.30
+        outcomes[run.name] = write_run(base / run.name, rng, p_pgd, epochs, 100)
         if run.tag == "lat":   # what mrpf prune records under a latency budget
             record = json.loads((base / run.name / "prune.json").read_text())
             record.update(metric="latency", achieved=0.701 if run.pm == "mrpf" else 0.703,
@@ -79,7 +83,7 @@ def test_finetune_curve_lists_each_length_of_seed_0(report):
     curve = summary.split("### Fine-tuning length (seed 0)")[1]
     lines = [x for x in curve.splitlines() if x.startswith("| mrpf ") or x.startswith("| uniform_l1 ")]
     assert [(x.split("|")[1].strip(), x.split("|")[3].strip()) for x in lines] == [
-        ("uniform_l1", "3"), ("uniform_l1", "5"), ("mrpf", "3"), ("mrpf", "5")]
+        ("uniform_l1", "3"), ("uniform_l1", "5"), ("uniform_l1", "8"), ("mrpf", "3"), ("mrpf", "5")]
     csv = (folder / "robustness.csv").read_text().splitlines()
     assert csv[0].startswith("dataset,arch,tm,run,method,sparsity,seed,tag,finetune_epochs")
     assert len(csv) == 1 + 1 + len(workflow.pruned_runs(GRID))
@@ -213,3 +217,26 @@ def test_a_grid_without_evaluations_draws_a_plot_that_says_so(tmp_path):
     assert not [w for w in caught if "artists" in str(w.message)]
     assert (tmp_path / "reports/robustness.png").stat().st_size > 0
     assert all(r.get("pgd_acc") is None for r in rows)
+
+
+def test_untagged_runs_are_also_compared_with_the_control_block(report):
+    """control_tag: every untagged method's row over seeds gets a second interval, against the
+    uniform_l1 runs of the control block (here uniform_l1 with more fine-tuning epochs)."""
+    folder, rows, outcomes = report
+    summary = (folder / "summary.md").read_text()
+    header = next(x for x in summary.splitlines() if x.startswith("| method ") and "Δ PGD-20 vs uniform_l1 ft8" in x)
+    column = [c.strip() for c in header.split("|")].index("Δ PGD-20 vs uniform_l1 ft8")
+    mine = np.stack([outcomes[f"mrpf-0.9-s{s}"]["pgd"] for s in (0, 1, 2)])
+    control = np.stack([outcomes[f"uniform_l1-0.9-s{s}-ft8"]["pgd"] for s in (0, 1, 2)])
+    d = seed_image_difference(mine, control)
+    line = next(x for x in summary.splitlines() if x.startswith("| mrpf ") and "| 0,1,2 " in x and "| — " in x)
+    assert [c.strip() for c in line.split("|")][column] == (
+        f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] (3 seeds)")
+
+
+def test_a_control_tag_without_its_uniform_l1_block_is_one_error():
+    from mrpf.errors import MrpfError
+
+    config = {"grid": "g", "grids": {"g": dict(GRID, control_tag="ft9")}}
+    with pytest.raises(MrpfError, match="control_tag: no extra_runs block with tag 'ft9' prunes uniform_l1"):
+        workflow.validate_config(config)
