@@ -59,6 +59,7 @@ SMOKE = ["device.name=cpu", "model.arch=vgg11_w8", "train.batch_size=64", "data.
          "evaluate.batch_size=200", "prune.steps=1", "prune.finetune_epochs=1", "prune.final_epochs=0",
          "prune.round_to=1", "train.steps=1", "train.val_pgd_steps=1", "evaluate.pgd_steps=2",
          "evaluate.step_size=null", "device.bf16=false", "device.cuda_graphs=false"]
+SMOKE_AA_IMAGES = 10
 
 
 class Clock:
@@ -148,20 +149,25 @@ def main() -> int:
         mrpf(["evaluate", "--run", model, *run, "evaluate.attacks=[clean,pgd]"], log)
     say("clean and PGD-20 evaluated")
 
-    unit = 20 if args.smoke else 100    # AutoAttack images: timed on this many, run in multiples of it
-    first_s = mrpf(["evaluate", "--run", "dense", *run, "evaluate.attacks=[autoattack]",
-                    f"evaluate.autoattack_images={unit}", "--out", str(work / "dense/eval_aa_probe.json")], log)
-    per_image = first_s / unit
-    fit = int(0.6 * clock.left() / (len(models) * per_image)) // unit * unit
-    aa_images = min(unit if args.smoke else 1000, fit)
-    if aa_images >= unit:
-        for model in models:
-            mrpf(["evaluate", "--run", model, *run, "evaluate.attacks=[autoattack]",
-                  f"evaluate.autoattack_images={aa_images}", "--out", str(work / model / "eval_aa.json")], log)
-        say(f"AutoAttack on {aa_images} images")
+    if args.smoke:   # checks the step on the dense model and the pair it compares; times nothing
+        aa_models, aa_images = ["dense", "mrpf-0.9", f"{BASELINE}-0.9"], SMOKE_AA_IMAGES
     else:
-        say(f"AutoAttack skipped: {per_image:.2f} s per image leaves room for {fit} images")
-    if clock.left() > (len(LEARNED) * (LEARNED_EPOCHS + EVAL_EPOCHS)) * epoch_s * 1.2:
+        unit = 100   # AutoAttack images: timed on this many, run in multiples of it
+        first_s = mrpf(["evaluate", "--run", "dense", *run, "evaluate.attacks=[autoattack]",
+                        f"evaluate.autoattack_images={unit}", "--out", str(work / "dense/eval_aa_probe.json")], log)
+        per_image = first_s / unit
+        fit = int(0.6 * clock.left() / (len(models) * per_image)) // unit * unit
+        aa_models, aa_images = list(models), min(1000, fit)
+        if aa_images < unit:
+            aa_models, aa_images = [], 0
+            say(f"AutoAttack skipped: {per_image:.2f} s per image leaves room for {fit} images")
+    for model in aa_models:
+        mrpf(["evaluate", "--run", model, *run, "evaluate.attacks=[autoattack]",
+              f"evaluate.autoattack_images={aa_images}", "--out", str(work / model / "eval_aa.json")], log)
+    if aa_models:
+        say(f"AutoAttack on {aa_images} images: {', '.join(aa_models)}")
+    # the smoke run takes every step but the 70 % one, whatever its clock says
+    if args.smoke or clock.left() > (len(LEARNED) * (LEARNED_EPOCHS + EVAL_EPOCHS)) * epoch_s * 1.2:
         prune("0.9", list(LEARNED))
         for model in models[-len(LEARNED):]:
             mrpf(["evaluate", "--run", model, *run, "evaluate.attacks=[clean,pgd]"], log)

@@ -31,6 +31,8 @@ def test_gpu_evidence_script_runs_every_step_on_the_cpu(tmp_path):
     result = json.loads((tmp_path / "w/gpu-evidence-cpu-smoke.json").read_text())
     assert result["train_images"] == 600 and result["dense_epochs"] >= 1
     assert {"dense", "mrpf-0.9", "mrpf_joint-0.9", "uniform_l1-0.9", "hydra-0.9", "harp-0.9"} <= set(result["models"])
-    assert {"0.9 pgd", "mrpf_joint 0.9 pgd", "hydra 0.9 pgd", "harp 0.9 pgd"} <= set(result["differences"])
+    differences = {"0.9 pgd", "0.9 autoattack", "mrpf_joint 0.9 pgd", "hydra 0.9 pgd", "harp 0.9 pgd"}
+    assert differences <= set(result["differences"])
+    assert result["autoattack_images"] == 10 and result["models"]["dense"]["autoattack_acc"] is not None
     for method in ("mrpf", "mrpf_joint", "hydra", "harp"):
         assert f"{method} - uniform_l1" in done.stdout, method

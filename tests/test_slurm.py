@@ -34,7 +34,9 @@ def need_slurm():
         pytest.skip("no SLURM here: run tests/slurm/start-single-node.sh (root, Debian) to test the SLURM profile")
 
 
-SLURM = ["snakemake", "--profile", "workflow/profiles/slurm", "--jobs", "4"]
+# status checks every second (the profile waits 5 s, then 10 s more per check without news)
+SLURM = ["snakemake", "--profile", "workflow/profiles/slurm", "--jobs", "4",
+         "--slurm-init-seconds-before-status-checks", "1"]
 
 
 def release_now(job: str) -> None:
