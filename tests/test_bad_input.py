@@ -150,19 +150,55 @@ def workdir(tiny_data, trained_checkpoint, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name, argv, message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(workdir, tiny_data, trained_checkpoint, name, argv, message):
-    argv = [a.replace("{ckpt}", str(trained_checkpoint)) for a in argv]
+def mrpf_in_process(argv: list[str], capsys) -> tuple[int, str]:
+    """`mrpf ARGV` through the CLI's ``main`` in this process (a subprocess spends about 2 s
+    importing torch per case); its exit status and standard error. The SIGTERM handler the CLI
+    installs is put back afterwards."""
+    import signal
+
+    from mrpf.cli import main
+
+    handler = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return stop.value.code, capsys.readouterr().err
+
+
+def case_argv(argv: list[str], tiny_data: dict, checkpoint: Path) -> list[str]:
+    argv = [a.replace("{ckpt}", str(checkpoint)) for a in argv]
     overrides = [o for o in tiny_overrides(tiny_data) if not any(o.startswith(a.split("=")[0] + "=") for a in argv)]
+    return [*argv, *overrides, "prune.steps=1"]
+
+
+def assert_one_line(code: int, stderr: str, message: str) -> None:
+    assert code == 2, (code, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mrpf: error: "), stderr
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("name, argv, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(workdir, tiny_data, trained_checkpoint, name, argv, message,
+                                                         capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
+    before = {p for p in workdir.rglob("*")}
+    assert_one_line(*mrpf_in_process(case_argv(argv, tiny_data, trained_checkpoint), capsys), message)
+    assert {p for p in workdir.rglob("*")} == before, "something was written"
+
+
+@pytest.mark.parametrize("name", ["unknown verb option", "damaged checkpoint", "unreachable budget"])
+def test_bad_input_through_python_m_mrpf_is_one_line_and_exit_2(workdir, tiny_data, trained_checkpoint, name):
+    """The same through the entry point users run, for a parser, a loader and a budget error."""
+    _, argv, message = next(c for c in CASES if c[0] == name)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     before = {p for p in workdir.rglob("*")}
-    done = subprocess.run([sys.executable, "-m", "mrpf", *argv, *overrides, "prune.steps=1"], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, (done.returncode, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mrpf: error: "), done.stderr
-    assert message in lines[0], lines[0]
+    done = subprocess.run([sys.executable, "-m", "mrpf", *case_argv(argv, tiny_data, trained_checkpoint)],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert_one_line(done.returncode, done.stderr, message)
     assert {p for p in workdir.rglob("*")} == before, "something was written"
 
 
