@@ -18,7 +18,7 @@ Steps, each a `mrpf` verb with configs/gpu-evidence.yaml, timed against ``--budg
    ``bench/results/gpu-evidence-TAG.json`` (and ``$OUT``).
 
     python -m bench.gpu_evidence [--budget-s 480] [--data DIR]
-    python -m bench.gpu_evidence --smoke --data DIR   # the same steps, tiny, on the CPU
+    python -m bench.gpu_evidence --smoke --data DIR   # every step but 70 %, tiny, on the CPU, untimed
 """
 
 from __future__ import annotations
