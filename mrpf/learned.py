@@ -11,18 +11,17 @@ the robust loss with the weights frozen (docs/method.md, "Learned methods").
   (dm/ds = 1, HYDRA's GetSubnet). The loss is the run's fine-tuning objective on adversarial
   examples made against the masked model; weights and BN statistics stay frozen (eval mode).
 - HARP (Zhao & Wressnegger, "Holistic Adversarially Robust Pruning", ICLR 2023), structured:
-  HYDRA's scores plus one keep-rate kappa_g in [1 - cap_g / C_g, 1] per group, learned by SGD
-  on the gradient clipped to norm 1 (steps of at most ``RATE_LR``, which keep the budget loss's
-  cost weighting that Adam's per-rate normalisation would erase), projected back into its range
-  after each step (a sigmoid parametrisation saturated within a few batches on the robust
-  loss's large rate gradients). The hard mask keeps
-  round(kappa_g C_g) top-scored channels; kappa_g gets the robust loss's gradient through a
-  soft top-k surrogate sigmoid((kappa_g C_g - rank_c - 1/2) / tau_g) (straight through: the
-  forward pass uses the hard mask) and the budget loss
-  gamma * |K(kappa) - K*| / K*, K(kappa) = sum_l M_l kappa_out(l) kappa_in(l) the kept
-  cost under a bilinear model of each conv/linear layer's cost M_l (``layer_costs``) and K* the
-  kept cost the step's budget allows. The two losses follow HARP's step-wise incremental
-  schedule (``PHASES``): robustness alone, then the rate target alone, then both.
+  HYDRA's scores plus one keep-rate kappa_g in [1 - cap_g / C_g, 1] per group, starting at
+  uniform_l1's. The hard mask keeps round(kappa_g C_g) top-scored channels; kappa_g gets the
+  robust loss's gradient through a soft top-k surrogate sigmoid((kappa_g C_g - rank_c - 1/2) / tau_g)
+  (straight through: the forward pass uses the hard mask) and the one-sided budget loss
+  max(0, K(kappa) - K*) / K*, K(kappa) = sum_l M_l kappa_out(l) kappa_in(l) the kept cost under a
+  bilinear model of each conv/linear layer's cost M_l (``layer_costs``) and K* the kept cost the
+  step's budget allows. Each loss's rate gradient is scaled to norm 1 and the rates step by
+  ``RATE_LR`` along their sum (the budget loss's gradient is orders of magnitude larger than
+  the robust loss's, which a joint step would drown), projected back into their range. The two
+  losses follow HARP's step-wise incremental schedule (``PHASES``): robustness alone, then the
+  rate target alone, then both.
 
 Why by hand: neither Torch-Pruning nor another maintained library learns channel masks from
 an adversarial objective; HYDRA's and HARP's own code masks weights, not channel groups.
@@ -50,10 +49,9 @@ from .sensitivity import seeded_scope
 
 SCORE_MOMENTUM = 0.9          # HYDRA's SGD momentum for the scores
 SCORE_WEIGHT_DECAY = 1e-4     # HYDRA's weight decay on the scores
-RATE_LR = 0.01               # most change of HARP's keep-rates per batch (SGD on the gradient clipped to norm 1)
+RATE_LR = 0.01               # HARP's keep-rate step per batch along each loss's unit-norm rate gradient
 MASK_FLOOR = 1e-3            # a dropped channel's mask value (see MaskedModel.masks)
 SOFT_TOPK_WIDTH = 0.05        # tau_g of HARP's soft top-k: this fraction of the group's width, >= 1 channel
-BUDGET_WEIGHT = 5.0           # gamma: weight of the budget loss against the robust loss
 PHASES = ((1.0, 0.0), (0.0, 1.0), (1.0, 1.0))   # (robust, budget) weights in each third of the batches
 STATE_FILE = "scores.pt"      # a step's score-learning state, saved after each epoch (resume)
 
@@ -88,6 +86,12 @@ def kept_cost(costs: list[tuple[float, int | None, int | None]], kappa: torch.Te
     total = sum(c for c, _, _ in costs)
     kept = sum(c * (one if o is None else kappa[o]) * (one if i is None else kappa[i]) for c, o, i in costs)
     return kept / total
+
+
+def unit(g: torch.Tensor) -> torch.Tensor:
+    """``g`` scaled to norm 1 (0 stays 0): the direction of one loss's step on the keep-rates."""
+    norm = g.norm()
+    return g / norm if norm > 0 else g
 
 
 def initial_scores(model: nn.Module, found: list[groups_mod.Group]) -> list[torch.Tensor]:
@@ -232,15 +236,15 @@ def learn(model: nn.Module, found: list[groups_mod.Group], keep: list[int], caps
                                                           (epoch * len(batches) + batch) * len(PHASES) // total)]
                 with runtime.autocast():
                     loss, _ = objective(masked, x, y, adversary, params.train.beta)
-                objective_value = robust_weight * loss
-                if rates and budget_weight:
-                    off = (kept_cost(costs, masked.kappa()) - keep_target).abs() / keep_target
-                    objective_value = objective_value + budget_weight * BUDGET_WEIGHT * off
                 masked.zero_grad(set_to_none=True)
-                objective_value.backward()
+                (robust_weight * loss).backward()
                 optimizer.step()
-                if rate_optimizer is not None:    # a step of at most RATE_LR, in the gradient's direction
-                    torch.nn.utils.clip_grad_norm_([masked.rates], 1.0)
+                if rate_optimizer is not None:
+                    over = torch.relu(kept_cost(costs, masked.kappa()) - keep_target) / keep_target
+                    budget = (torch.autograd.grad(over, masked.rates)[0] if budget_weight and over > 0
+                              else torch.zeros_like(masked.rates))
+                    robust = torch.zeros_like(budget) if masked.rates.grad is None else masked.rates.grad
+                    masked.rates.grad = unit(robust) + unit(budget)
                     rate_optimizer.step()
                     masked.project()
                 scheduler.step()

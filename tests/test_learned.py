@@ -129,9 +129,6 @@ def test_harp_meets_the_budget_with_its_learned_rates(tmp_path):
     assert 0.5 <= solve_for(0.5)["achieved"] < 0.51      # the tolerance of every method (tests/test_pruning.py)
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation (docs/method.md, 'Learned methods'): the uniform start "
-                   "already meets the budget, the budget loss's clipped steps cancel, and the robust loss's rate "
-                   "gradient is too small a share of the step to move the rates")
 def test_harp_learns_a_lower_keep_rate_for_a_group_of_duplicates(tmp_path):
     found, _, rates = _harp_on_duplicates(tmp_path)
     duplicates = next(i for i, g in enumerate(found) if g.root == "2")
