@@ -241,10 +241,8 @@ def learn(model: nn.Module, found: list[groups_mod.Group], keep: list[int], caps
                 optimizer.step()
                 if rate_optimizer is not None:
                     over = torch.relu(kept_cost(costs, masked.kappa()) - keep_target) / keep_target
-                    budget = (torch.autograd.grad(over, masked.rates)[0] if budget_weight and over > 0
-                              else torch.zeros_like(masked.rates))
-                    robust = torch.zeros_like(budget) if masked.rates.grad is None else masked.rates.grad
-                    masked.rates.grad = unit(robust) + unit(budget)
+                    budget = torch.autograd.grad(budget_weight * over, masked.rates)[0]   # 0 within the budget
+                    masked.rates.grad = unit(masked.rates.grad) + unit(budget)
                     rate_optimizer.step()
                     masked.project()
                 scheduler.step()
